@@ -180,13 +180,9 @@ class ModelConfig:
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError("tie_embeddings", self.tie_embeddings, "must be true or false")
         if self.d_model % self.n_heads:
-            raise ConfigError(
-                "n_heads", self.n_heads, f"must divide d_model={self.d_model}"
-            )
+            raise ConfigError("n_heads", self.n_heads, f"must divide d_model={self.d_model}")
         if self.experts_top_k > self.n_experts:
-            raise ConfigError(
-                "experts_top_k", self.experts_top_k, f"must be <= n_experts={self.n_experts}"
-            )
+            raise ConfigError("experts_top_k", self.experts_top_k, f"must be <= n_experts={self.n_experts}")
         if self.tree_depth > 10:
             raise ConfigError("tree_depth", self.tree_depth, "must be <= 10 (2**11-1 node matrices)")
         if self.trunk == "stack":
@@ -199,9 +195,7 @@ class ModelConfig:
                     )
         else:
             if self.min_steps > self.max_steps:
-                raise ConfigError(
-                    "min_steps", self.min_steps, f"must be <= max_steps={self.max_steps}"
-                )
+                raise ConfigError("min_steps", self.min_steps, f"must be <= max_steps={self.max_steps}")
             if self.min_steps < self.n_shared_blocks:
                 raise ConfigError(
                     "min_steps",
@@ -291,7 +285,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(unknown[0], data[unknown[0]], f"unknown field; known: {', '.join(sorted(known))}")
+            raise ConfigError(
+                unknown[0], data[unknown[0]], f"unknown field; known: {', '.join(sorted(known))}"
+            )
         return cls(**data)
 
     def to_json(self) -> str:

@@ -1,0 +1,271 @@
+"""LeanLM: the elastic-compute decoder, one file top to bottom.
+
+    tokens -> embedding + learned positions -> trunk -> final norm -> logits / m_N
+
+The trunk integrates `dx/dt = f_k(x)` over `[0, T]` with forward Euler:
+`N` steps of size `h = T / N`, step `i` running block `k = floor(i * n_blocks
+/ N)` (see models/config.py). `N` is chosen per row: a (B,) tensor `steps`.
+Rows with different `N` share one call. Iteration `i` runs only the rows whose
+`N` exceeds `i`, each with its own `h`, so a 4-step row costs 4 block
+applications even when it shares the batch with a 12-step row; nothing is
+padded to the longest row.
+
+Token layout: dense rows, `tokens` (B, T) with `positions` (B, T) giving each
+token's absolute position. Without a cache the T tokens of a row are the whole
+sequence (training, scoring). With a `KVBatch` they are appended to the row's
+cached prefix: positions[b, 0] must equal the number of tokens cached for row
+b, which the runtime guarantees (prefill: the prompt; decode: T = 1).
+
+Shape legend:
+    B | rows           T | new tokens per row     d | model width
+    V | vocabulary     N | steps per row          R | rows active in a step
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.kv_cache import KVBatch, KVCacheError
+from models.layers import Block, attention_mask, build_norm
+from models.parameterisation import init_weights
+
+
+@dataclass
+class ModelOutput:
+    """Result of one forward call.
+
+    Attributes:
+        logits: (B, T, V), or (B, 1, V) with `last_only=True`; already scaled
+            by the output multiplier 1/m_N (training and inference alike).
+        aux_loss: scalar load-balancing loss summed over steps (MoE, training),
+            else None.
+        expert_counts: (n_expert_slots,) tokens routed to each expert or tree
+            node, summed over steps and blocks; None for a dense FFN.
+    """
+
+    logits: Tensor
+    aux_loss: Tensor | None = None
+    expert_counts: Tensor | None = None
+
+
+class LeanLM(nn.Module):
+    """Decoder-only LM with a stacked or weight-shared Euler trunk."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.wte = nn.Embedding(config.vocab_size, d)
+        self.wpe = nn.Embedding(config.context_length, d)
+        self.blocks = nn.ModuleList(Block(config, first=(i == 0)) for i in range(config.n_blocks))
+        # With norms removed from the blocks a final RMSNorm still bounds the logits.
+        self.norm_f = build_norm(config, "rmsnorm" if config.norm == "none" else None)
+        self.head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        init_weights(self)
+
+    # ------------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def block_index(self, step: int, steps: Tensor) -> Tensor:
+        """Block run by Euler step `step` for rows with step counts `steps` (B,)."""
+        return (step * self.config.n_blocks) // steps
+
+    def _check(self, tokens: Tensor, positions: Tensor, steps: Tensor, setting: Tensor | None) -> None:
+        c = self.config
+        lo, hi = c.step_range
+        if steps.numel() and (int(steps.min()) < lo or int(steps.max()) > hi):
+            bad = steps[(steps < lo) | (steps > hi)][0].item()
+            raise ValueError(f"steps={bad}: must lie in [{lo}, {hi}] for this model")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= c.context_length):
+            raise ValueError(
+                f"positions up to {int(positions.max())}: must lie in [0, {c.context_length - 1}] "
+                f"(context_length={c.context_length})"
+            )
+        if int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size:
+            raise ValueError(f"tokens: ids must lie in [0, {c.vocab_size - 1}]")
+        if setting is not None:
+            if c.ffn == "dense":
+                raise ValueError("experts: this model has a dense FFN and takes no expert setting")
+            name, lo_e, hi_e = (
+                ("experts_top_k", 1, c.experts_top_k) if c.ffn == "moe" else ("expert_depth", 0, c.tree_depth)
+            )
+            if int(setting.min()) < lo_e or int(setting.max()) > hi_e:
+                raise ValueError(f"{name}: must lie in [{lo_e}, {hi_e}] for this model")
+
+    def _check_cache(self, kv: KVBatch, positions: Tensor, steps: Tensor) -> None:
+        if kv.block_tables.shape[0] != positions.shape[0]:
+            raise KVCacheError(
+                f"cache has {kv.block_tables.shape[0]} rows, the batch has {positions.shape[0]}"
+            )
+        wrong = (kv.cached_steps != steps).nonzero()
+        if wrong.numel():
+            b = int(wrong[0, 0])
+            raise KVCacheError(
+                f"row {b}: its cache was built with {int(kv.cached_steps[b])} steps, "
+                f"this call asks for {int(steps[b])}; a sequence keeps its step count"
+            )
+        # Every new position must fall inside the row's reserved pages.
+        page = positions[:, -1] // kv.pool.page_size  # (B,)
+        P = kv.block_tables.shape[2]
+        reserved = (kv.block_tables[:, 0, :] >= 0).sum(1)  # (B,)
+        over = (page >= reserved) | (page >= P)
+        if over.any():
+            b = int(over.nonzero()[0, 0])
+            raise KVCacheError(
+                f"row {b}: position {int(positions[b, -1])} overflows its reservation of "
+                f"{int(reserved[b]) * kv.pool.page_size} tokens"
+            )
+
+    # ------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        steps: Tensor | int | None = None,
+        kv: KVBatch | None = None,
+        experts: Tensor | None = None,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """Run the model.
+
+        Args:
+            tokens: (B, T) int64 token ids.
+            positions: (B, T) int64 absolute positions; default 0..T-1.
+            steps: (B,) int64 step count per row (or an int for all rows);
+                default `config.default_steps`.
+            kv: paged cache view; new keys/values are written to it and the
+                row's cached prefix is attended to. None = no cache.
+            experts: (B,) int64 experts top-k (MoE) or truncation depth (tree)
+                per row; None = the trained maximum.
+            last_only: compute logits for the last position only (decode).
+
+        Returns:
+            ModelOutput with logits (B, T, V) or (B, 1, V).
+        """
+        c = self.config
+        B, T = tokens.shape
+        device = tokens.device
+        if positions is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+        if steps is None:
+            steps = c.default_steps
+        if isinstance(steps, int):
+            steps = torch.full((B,), steps, dtype=torch.long, device=device)
+        self._check(tokens, positions, steps, experts)
+        if kv is not None:
+            self._check_cache(kv, positions, steps)
+
+        x = self.wte(tokens) + self.wpe(positions)  # (B, T, d)
+        h_all = (c.horizon / steps.to(x.dtype)).view(B, 1, 1)  # (B, 1, 1) Euler step per row
+        past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long, device=device)
+        S = int(past_len.max()) if kv is not None else 0
+        P = -(-S // kv.pool.page_size) if kv is not None else 0  # pages covering the longest past
+        nh, hs = c.n_heads, c.head_dim
+        if kv is not None:
+            page_size = kv.pool.page_size
+            slot_page = positions // page_size  # (B, T)
+            slot_off = positions % page_size
+        mask_all = attention_mask(past_len, P * (kv.pool.page_size if kv is not None else 0), T)
+
+        aux_total: Tensor | None = None
+        counts_total: Tensor | None = None
+        n_iter = int(steps.max())
+        uniform_steps = bool((steps == n_iter).all())
+        for i in range(n_iter):
+            blk_idx = self.block_index(i, steps)  # (B,)
+            for k in blk_idx.unique().tolist() if c.n_blocks > 1 else [0]:
+                if uniform_steps and c.n_blocks == 1:
+                    rows = None  # every row runs this step with the same block
+                else:
+                    sel = (steps > i) & (blk_idx == k)
+                    if not bool(sel.any()):
+                        continue
+                    rows = None if bool(sel.all()) else sel.nonzero().squeeze(1)  # (R,)
+                xr = x if rows is None else x[rows]
+                hr = h_all if rows is None else h_all[rows]
+                mr = mask_all if rows is None else mask_all[rows]
+                sr = experts if (experts is None or rows is None) else experts[rows]
+                if kv is not None:
+                    bt = kv.block_tables[:, i, :P] if rows is None else kv.block_tables[rows, i, :P]
+                    past_k, past_v = kv.pool.gather(bt)  # (R, nh, S', hs)
+                else:
+                    R = xr.shape[0]
+                    past_k = past_v = xr.new_zeros(R, nh, 0, hs)
+                out = self.blocks[k](xr, hr, past_k, past_v, mr, sr)
+                if kv is not None:
+                    rows_idx = torch.arange(B, device=device) if rows is None else rows
+                    pages = kv.block_tables[rows_idx, i].gather(1, slot_page[rows_idx])  # (R, T)
+                    kv.pool.scatter(pages * page_size + slot_off[rows_idx], out.k, out.v)
+                if rows is None:
+                    x = out.x
+                else:
+                    x = x.index_copy(0, rows, out.x)
+                if out.aux_loss is not None:
+                    aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
+                if out.counts is not None:
+                    counts_total = out.counts if counts_total is None else counts_total + out.counts
+
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm_f(x)
+        weight = self.wte.weight if self.head is None else self.head.weight
+        logits = (x @ weight.t()) * c.logit_mult  # (B, T, V) CompleteP/muP output multiplier
+        if aux_total is not None:
+            aux_total = aux_total / n_iter
+        return ModelOutput(logits, aux_total, counts_total)
+
+    # ------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        steps: int | None = None,
+        experts: int | None = None,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> list[int]:
+        """Simple single-sequence generation with the paged cache.
+
+        The serving engine (runtime/) batches many sequences; this is the
+        reference path for tests, evaluation and `leanserve generate --local`.
+        """
+        from models.kv_cache import PagedKVCache
+
+        c = self.config
+        if not prompt:
+            raise ValueError("prompt: must contain at least one token")
+        total = len(prompt) + max_new_tokens
+        if total > c.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = {total}: "
+                f"must be <= context_length={c.context_length}"
+            )
+        n = steps if steps is not None else int(c.default_steps)
+        device = self.wte.weight.device
+        cache = PagedKVCache(c, num_pages=n * (-(-total // 16)), page_size=16, device=device)
+        cache.reserve(0, n, total)
+        kv = cache.batch([0])
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        setting = None if experts is None else torch.tensor([experts], device=device)
+        ids = torch.tensor([prompt], device=device)
+        pos = torch.arange(len(prompt), device=device)[None]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = self(ids, pos, n, kv=kv, experts=setting, last_only=True).logits[0, -1]
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            out.append(nxt)
+            ids = torch.tensor([[nxt]], device=device)
+            pos = pos[:, -1:] + 1
+        return out
