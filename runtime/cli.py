@@ -178,5 +178,126 @@ def main(argv: list[str] | None = None) -> int:
 # Register every command here with register(name, help, add_arguments, "package.module:function").
 
 
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", help="preset name (models/presets/NAME.json) or path to a preset JSON file")
+    p.add_argument("--out", help="model directory to write (default runs/<model name>)")
+    p.add_argument("--text", help="UTF-8 text file or folder to train on (default: World English Bible)")
+    p.add_argument("--iterations", type=int, help="override train.iterations")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a saved <out>.train-state/")
+    p.add_argument("--keep-state", action="store_true", help="keep <out>.train-state/ after finishing")
+
+
+register(
+    "train",
+    "train a model from a preset into a model directory",
+    _add_train_arguments,
+    "models.train:cli_main",
+)
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="model directory")
+    p.add_argument("--text", help="corpus the model was trained on (default: as recorded in config.json)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="validation tokens per setting")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+
+register(
+    "eval",
+    "measure quality and latency per step/expert setting; write profile.json",
+    _add_eval_arguments,
+    "models.evaluate:cli_main",
+)
+
+
+def _add_bench_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="model directory, or a preset name/JSON (random weights)")
+    p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    p.add_argument("--context", type=int, default=64, help="cached tokens per row before timing")
+    p.add_argument("--iters", type=int, default=12, help="timed decode iterations (median)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", default=None, help="model directory (default: random weights)")
+    p.add_argument("--config", default=None, help="preset JSON for random weights (without --model-dir)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--batch", type=int, default=16, help="concurrent requests")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers GPT-2 comparison")
+    p.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+_BENCHES = {
+    "model": (
+        "decode latency per step count at batch 1 and 16 (bare model)",
+        _add_bench_model_arguments,
+        "models.bench:cli_main",
+    ),
+    "engine": (
+        "engine: step ratios, concurrency, HF transformers peer",
+        _add_bench_engine_arguments,
+        "runtime.bench_engine:main",
+    ),
+}
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    kinds = p.add_subparsers(dest="bench", metavar="<what>", required=True)
+    for name, (help_text, add, target) in _BENCHES.items():
+        sub = kinds.add_parser(name, help=help_text, description=help_text)
+        add(sub)
+        sub.set_defaults(_bench_target=target)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    return _resolve(args._bench_target)(args)
+
+
+register(
+    "bench",
+    "benchmarks that print side-by-side ratios (model, engine)",
+    _add_bench_arguments,
+    "runtime.cli:_run_bench",
+)
+
+
+def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--model", help="model directory (default: models/zoo/ode-tiny)")
+    p.add_argument("--steps", type=int, help="ODE steps (default: the model's default)")
+    p.add_argument("--experts", type=int, help="MoE top-k or tree depth (default: maximum)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream", action="store_true", help="flush text as it is produced")
+    p.add_argument("--threads", type=int)
+
+
+register(
+    "generate",
+    "generate text from a prompt with a local model",
+    _add_generate_arguments,
+    "runtime.local:generate_local",
+)
+
+
+def _add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="model directory (default: models/zoo/ode-tiny)")
+
+
+register(
+    "info",
+    "show a model's architecture, step range, expert options and tiers",
+    _add_info_arguments,
+    "runtime.local:info",
+)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,296 @@
+"""`leanserve bench engine`: the engine's headline numbers, side by side in one run.
+
+Measured (all on the same machine, in one process, one after another):
+
+1. Per-token decode latency (mean inter-token latency) at N_max/4 vs N_max
+   steps, at batch 1 and batch 16; target ratio <= 0.35.
+2. Throughput (generated tokens/s) of 16 concurrent requests vs the same 16
+   run one after another; target >= 4x.
+3. Against HuggingFace `transformers` GPT-2 of the same shape (n_layer =
+   max_steps, n_embd, n_head, n_inner = d_ff, vocab, n_positions =
+   context_length; random weights) driven by `generate()`: per-token latency
+   at batch 1 (target: leanserve no worse, ratio <= 1) and throughput of 16
+   requests as one padded batch (target: leanserve >= 1.5x).
+
+Without a model directory, a preset-style JSON config (or a built-in
+ode-tiny-like config) gets random weights; the token ids are random and text
+is not decoded (a stub tokenizer), since only timing matters here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.config import ModelConfig
+
+# Shaped like the ode-tiny preset of DESIGN.md's zoo (used when no model is given).
+DEFAULT_CONFIG: dict[str, Any] = dict(
+    name="ode-tiny-random",
+    vocab_size=4096,
+    context_length=256,
+    d_model=128,
+    n_heads=4,
+    d_ff=512,
+    trunk="ode",
+    min_steps=2,
+    max_steps=12,
+    block="sasp",
+    ffn="dense",
+)
+
+
+class _StubTokenizer:
+    """Enough of `tokenizers.Tokenizer` for the engine when only ids matter."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "x" * len(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return None
+
+    def encode(self, text: str) -> Any:
+        raise NotImplementedError("the benchmark submits token ids")
+
+
+def _build_engine(args: argparse.Namespace, batch: int) -> Any:
+    from models.kv_cache import PagedKVCache
+    from runtime.engine import Engine, EngineConfig
+
+    if args.model_dir:
+        from models.checkpoint import load_config
+
+        config = load_config(args.model_dir)
+    elif args.config:
+        config = ModelConfig.from_json_file(args.config)
+    else:
+        config = ModelConfig(**DEFAULT_CONFIG)
+    # Size the pool for exactly this run (+1 page per row): a 1 GiB pool would
+    # spend the benchmark's time zeroing and page-faulting memory it never uses.
+    page = 16
+    tokens = args.prompt_tokens + args.new_tokens + page
+    kv_bytes = PagedKVCache.bytes_per_token_step(config) * int(config.max_steps) * tokens * max(batch, 1)
+    ec = EngineConfig(
+        kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
+    )
+    if args.model_dir:
+        return Engine.from_model_dir(args.model_dir, ec)
+    from models.model import LeanLM
+    from runtime.backends.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    return Engine(TorchBackend(LeanLM(config).eval()), _StubTokenizer(), ec)  # type: ignore[arg-type]
+
+
+@dataclass
+class RunResult:
+    """One measured engine run."""
+
+    itl_s: float  # mean inter-token latency over all requests
+    tokens_per_s: float
+    wall_s: float
+
+
+async def _engine_run(
+    engine: Any, prompts: list[list[int]], steps: int, new_tokens: int, concurrent: bool
+) -> RunResult:
+    from runtime.types import ComputeParams, GenerationRequest, RequestStats, SamplingParams
+
+    itls: list[float] = []
+
+    def on_stats(s: Any) -> None:
+        if isinstance(s, RequestStats):
+            itls.extend(s.itl_s)
+
+    engine.stats_callbacks.append(on_stats)
+
+    def request(i: int) -> GenerationRequest:
+        return GenerationRequest(
+            f"r{i}-{time.perf_counter_ns()}",
+            prompt_token_ids=prompts[i],
+            sampling=SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+            compute=ComputeParams(steps=steps),
+        )
+
+    async def one(i: int) -> int:
+        n = 0
+        async for out in engine.submit(request(i)):
+            n += len(out.token_ids)
+        return n
+
+    t0 = time.perf_counter()
+    if concurrent:
+        total = sum(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+    else:
+        total = 0
+        for i in range(len(prompts)):
+            total += await one(i)
+    wall = time.perf_counter() - t0
+    engine.stats_callbacks.remove(on_stats)
+    return RunResult(statistics.fmean(itls) if itls else float("nan"), total / wall, wall)
+
+
+def _measure(args: argparse.Namespace, batch: int, steps: int, concurrent: bool = True) -> RunResult:
+    engine = _build_engine(args, batch)
+    V = engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, V, (batch, args.prompt_tokens), generator=gen).tolist()
+
+    async def go() -> RunResult:
+        await engine.start()
+        try:
+            await _engine_run(engine, prompts[:1], steps, 4, True)  # warm-up
+            return await _engine_run(engine, prompts, steps, args.new_tokens, concurrent)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())
+
+
+def _hf_measure(config: ModelConfig, args: argparse.Namespace, batch: int) -> tuple[float, float]:
+    """(per-token decode latency at batch 1, tokens/s for `batch` requests) of HF GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_cfg = GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.context_length,
+        n_embd=config.d_model,
+        n_layer=int(config.max_steps),
+        n_head=config.n_heads,
+        n_inner=config.d_ff,
+        pad_token_id=0,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(hf_cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    P, M = args.prompt_tokens, args.new_tokens
+
+    def generate(b: int, new: int) -> float:
+        ids = torch.randint(1, config.vocab_size, (b, P), generator=gen)
+        mask = torch.ones_like(ids)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return time.perf_counter() - t0
+
+    generate(1, 4)  # warm-up
+    # Per-token decode latency: the difference of two runs removes the prefill
+    # and generate()'s fixed set-up cost; best of 3 damps scheduler noise.
+    full = min(generate(1, M) for _ in range(3))
+    one = min(generate(1, 1) for _ in range(3))
+    per_token = (full - one) / (M - 1)
+    throughput = batch * M / min(generate(batch, M) for _ in range(2))
+    return per_token, throughput
+
+
+def _verdict(ok: bool) -> str:
+    return "target met" if ok else "target missed"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark and print one table; returns 0."""
+    if args.quick:
+        args.new_tokens = min(args.new_tokens, 16)
+        args.batch = min(args.batch, 16)
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens={args.new_tokens}: must be >= 2 to measure decode latency")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    probe = _build_engine(args, 1)
+    config = probe.model_config
+    lo, hi = config.step_range
+    n_low = max(lo, round(hi / 4))
+    B = args.batch
+    rows: list[tuple[str, str, str, str, str]] = []
+    results: dict[str, Any] = {"model": config.name, "steps_low": n_low, "steps_high": hi, "batch": B}
+
+    print(
+        f"model {config.name}: d_model={config.d_model} steps [{lo}, {hi}] ffn={config.ffn}; "
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    at_max: dict[int, RunResult] = {}
+    for b in (1, B):
+        low = _measure(args, b, n_low)
+        high = at_max[b] = _measure(args, b, hi)
+        ratio = low.itl_s / high.itl_s
+        results[f"itl_ratio_b{b}"] = ratio
+        rows.append(
+            (
+                f"decode ms/token b={b}: N={n_low} vs N={hi}",
+                f"{low.itl_s * 1e3:.2f}",
+                f"{high.itl_s * 1e3:.2f}",
+                f"{ratio:.2f} (<= 0.35)",
+                _verdict(ratio <= 0.35),
+            )
+        )
+
+    conc = _measure(args, B, hi, concurrent=True)
+    seq = _measure(args, B, hi, concurrent=False)
+    speedup = conc.tokens_per_s / seq.tokens_per_s
+    results.update(tokens_per_s_concurrent=conc.tokens_per_s, tokens_per_s_sequential=seq.tokens_per_s)
+    rows.append(
+        (
+            f"tokens/s, {B} requests: concurrent vs sequential",
+            f"{conc.tokens_per_s:.0f}",
+            f"{seq.tokens_per_s:.0f}",
+            f"{speedup:.2f}x (>= 4x)",
+            _verdict(speedup >= 4),
+        )
+    )
+
+    if not args.no_hf:
+        hf_itl, hf_tps = _hf_measure(config, args, B)
+        single = at_max[1]
+        lat_ratio = single.itl_s / hf_itl
+        tps_ratio = conc.tokens_per_s / hf_tps
+        results.update(hf_itl_s=hf_itl, hf_tokens_per_s=hf_tps, leanserve_itl_s_b1=single.itl_s)
+        rows.append(
+            (
+                f"ms/token b=1 N={hi}: leanserve vs HF GPT-2 generate()",
+                f"{single.itl_s * 1e3:.2f}",
+                f"{hf_itl * 1e3:.2f}",
+                f"{lat_ratio:.2f} (<= 1)",
+                _verdict(lat_ratio <= 1),
+            )
+        )
+        rows.append(
+            (
+                f"tokens/s {B} requests: leanserve vs HF GPT-2 batched",
+                f"{conc.tokens_per_s:.0f}",
+                f"{hf_tps:.0f}",
+                f"{tps_ratio:.2f}x (>= 1.5x)",
+                _verdict(tps_ratio >= 1.5),
+            )
+        )
+
+    header = ("measurement", "leanserve / A", "B", "ratio A/B", "")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    from runtime.cli import main as cli_main
+
+    raise SystemExit(cli_main(["bench", "engine", *__import__("sys").argv[1:]]))

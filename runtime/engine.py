@@ -1,0 +1,680 @@
+"""The inference engine: validation, step policy, continuous batching, streaming.
+
+One `Engine` owns one backend, one paged KV pool and one scheduler. Requests
+enter through `submit`, which validates them (all request validation lives in
+`validate_request`, here), chooses their compute with the step policy, and
+queues them; the caller gets an async iterator of `RequestOutput` deltas.
+
+The model runs in a background asyncio task (`_run`): each iteration applies
+pending cancellations, asks the scheduler what to run (runtime/scheduler.py
+explains the design), runs prefills and one batched decode forward plus
+sampling in a single worker thread (so the event loop keeps accepting and
+streaming while the model computes), then, back on the loop, records the
+tokens, detokenises, applies stop strings and pushes deltas to each request's
+queue. Scheduler and KV state are only ever mutated on the event loop thread
+between forwards; the worker only reads them, which is why a `cancel` is
+queued and applied at the start of the next iteration rather than
+immediately. That still frees the request's KV within one iteration.
+
+Stats: every finished request produces a `RequestStats` and every iteration
+an `IterationStats`; both go to the callables in `stats_callbacks` (the
+metrics module subscribes there; nothing here knows about Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from models.config import ModelConfig
+from models.kv_cache import PagedKVCache
+from models.tokenizer import eot_id
+from runtime.backends import Backend
+from runtime.policy import ModelProfile, PolicyDecision, SLOController, StepPolicy, Tier
+from runtime.sampling import TextStream, make_generator, sample
+from runtime.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus
+from runtime.types import (
+    DeadlineExceededError,
+    EngineStats,
+    EngineUnavailableError,
+    GenerationRequest,
+    InvalidRequestError,
+    IterationStats,
+    RequestCancelledError,
+    RequestOutput,
+    RequestStats,
+)
+
+log = logging.getLogger(__name__)
+
+StatsCallback = Callable[[RequestStats | IterationStats], None]
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings (one per replica).
+
+    Attributes:
+        kv_cache_bytes: byte budget of the paged KV pool.
+        page_size: tokens per KV page.
+        max_batch_size: most requests running (holding KV) at once.
+        max_waiting: waiting-queue bound; beyond it `submit` raises
+            `OverloadedError`.
+        max_prefills: most requests admitted (prefilled) per iteration.
+        default_steps: fixed default step count (None = the model's default).
+        slo_target_itl_ms: when set, the default step count is adapted by an
+            `SLOController` to this inter-token latency target.
+        slo_window: ITL samples per SLO decision.
+        slo_hysteresis: relative dead band of the SLO controller.
+        slo_min_steps: lower bound for the controller (None = model minimum).
+        slo_max_steps: upper bound for the controller (None = model maximum).
+    """
+
+    kv_cache_bytes: int = 64 * 2**20
+    page_size: int = 16
+    max_batch_size: int = 32
+    max_waiting: int = 256
+    max_prefills: int = 8
+    default_steps: int | None = None
+    slo_target_itl_ms: float | None = None
+    slo_window: int = 64
+    slo_hysteresis: float = 0.1
+    slo_min_steps: int | None = None
+    slo_max_steps: int | None = None
+
+
+# ----------------------------------------------------------------------------
+# Validation: the one place that decides whether a request is acceptable
+# ----------------------------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_request(
+    request: GenerationRequest, config: ModelConfig, tokenizer: Tokenizer, tiers: dict[str, Tier]
+) -> list[int]:
+    """Check every field of a request and return its prompt token ids.
+
+    Args:
+        request: the request.
+        config: the model's configuration (ranges, vocabulary, context).
+        tokenizer: tokenises a text prompt.
+        tiers: quality tiers the model offers.
+
+    Returns:
+        The prompt token ids (tokenised text or the given ids).
+
+    Raises:
+        InvalidRequestError: naming the first invalid field, its value and
+            the allowed range.
+    """
+    if not isinstance(request.request_id, str) or not request.request_id:
+        raise InvalidRequestError("request_id", request.request_id, "must be a non-empty string")
+
+    # --- prompt ---------------------------------------------------------------
+    text, ids = request.prompt, request.prompt_token_ids
+    if (text is None) == (ids is None):
+        which = "both" if text is not None else "neither"
+        raise InvalidRequestError("prompt", which, "give exactly one of prompt or prompt_token_ids")
+    V = config.vocab_size
+    if text is not None:
+        if not isinstance(text, str) or not text:
+            raise InvalidRequestError("prompt", text, "must be a non-empty string")
+        prompt_ids = tokenizer.encode(text).ids
+        if not prompt_ids:
+            raise InvalidRequestError("prompt", text, "must encode to at least one token")
+        if max(prompt_ids) >= V:
+            raise InvalidRequestError(
+                "prompt", text, f"tokenises to ids >= vocab_size={V}; tokenizer and model do not match"
+            )
+    else:
+        if not isinstance(ids, list) or not ids:
+            raise InvalidRequestError("prompt_token_ids", ids, "must be a non-empty list of token ids")
+        for t in ids:
+            if not _is_int(t) or not 0 <= t < V:
+                raise InvalidRequestError(
+                    "prompt_token_ids", t, f"every id must be an integer in [0, {V - 1}]"
+                )
+        prompt_ids = list(ids)
+
+    # --- sampling -------------------------------------------------------------
+    s = request.sampling
+    if not _is_int(s.max_tokens) or s.max_tokens < 1:
+        raise InvalidRequestError("max_tokens", s.max_tokens, "must be an integer >= 1")
+    total = len(prompt_ids) + s.max_tokens
+    if total > config.context_length:
+        raise InvalidRequestError(
+            "max_tokens",
+            s.max_tokens,
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({s.max_tokens}) = {total} "
+            f"must be <= context_length={config.context_length}",
+        )
+    if not _is_number(s.temperature) or s.temperature < 0:
+        raise InvalidRequestError("temperature", s.temperature, "must be a number >= 0 (0 = greedy)")
+    if not _is_number(s.top_p) or not 0 < s.top_p <= 1:
+        raise InvalidRequestError("top_p", s.top_p, "must lie in (0, 1]")
+    if not _is_int(s.top_k) or s.top_k < 0:
+        raise InvalidRequestError("top_k", s.top_k, "must be an integer >= 0 (0 = disabled)")
+    if s.seed is not None and (not _is_int(s.seed) or not 0 <= s.seed < 2**63):
+        raise InvalidRequestError("seed", s.seed, f"must be an integer in [0, {2**63 - 1}] or unset")
+    if not isinstance(s.stop, list) or not all(isinstance(x, str) and x for x in s.stop):
+        raise InvalidRequestError("stop", s.stop, "must be a list of non-empty strings")
+    if not isinstance(s.stop_token_ids, list):
+        raise InvalidRequestError("stop_token_ids", s.stop_token_ids, "must be a list of token ids")
+    for t in s.stop_token_ids:
+        if not _is_int(t) or not 0 <= t < V:
+            raise InvalidRequestError("stop_token_ids", t, f"every id must be an integer in [0, {V - 1}]")
+
+    # --- compute --------------------------------------------------------------
+    c = request.compute
+    lo, hi = config.step_range
+    if c.steps is not None and (not _is_int(c.steps) or not lo <= c.steps <= hi):
+        raise InvalidRequestError("steps", c.steps, f"must be an integer in [{lo}, {hi}] for this model")
+    if c.quality is not None and c.quality not in tiers:
+        raise InvalidRequestError("quality", c.quality, f"must be one of {', '.join(sorted(tiers))}")
+    if c.latency_budget_ms is not None and (not _is_number(c.latency_budget_ms) or c.latency_budget_ms <= 0):
+        raise InvalidRequestError("latency_budget_ms", c.latency_budget_ms, "must be a number > 0")
+    options = config.expert_options
+    for name in ("experts_top_k", "expert_depth"):
+        value = getattr(c, name)
+        if value is None:
+            continue
+        if name not in options:
+            takes = f"it takes {', '.join(options)} instead" if options else "it takes no expert setting"
+            raise InvalidRequestError(name, value, f"not supported by this model (ffn={config.ffn}); {takes}")
+        allowed = options[name]
+        if not _is_int(value) or value not in allowed:
+            raise InvalidRequestError(name, value, f"must be an integer in [{allowed[0]}, {allowed[-1]}]")
+    return prompt_ids
+
+
+# ----------------------------------------------------------------------------
+# Engine
+# ----------------------------------------------------------------------------
+@dataclass(eq=False)
+class _RequestState:
+    """Everything the engine tracks for one live request besides its Sequence."""
+
+    request: GenerationRequest
+    seq: Sequence
+    decision: PolicyDecision
+    stream: TextStream
+    generator: torch.Generator | None
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    itls: list[float] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _IterationResult:
+    tokens: dict[str, int]
+    expert_counts: list[int]
+    duration_s: float
+
+
+class Engine:
+    """Continuous-batching engine over one backend; see the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        profile: ModelProfile | None = None,
+    ) -> None:
+        """Create an engine (call `await start()` before submitting).
+
+        Args:
+            backend: the model runner.
+            tokenizer: the model's tokenizer.
+            config: engine settings.
+            profile: quality tiers and cost model (defaults when None).
+
+        Raises:
+            ValueError: a setting is out of range (e.g. a KV budget below one page).
+        """
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.model_config: ModelConfig = backend.config
+        mc, ec = self.model_config, self.config
+        device = getattr(backend, "device", "cpu")
+        self.kv = PagedKVCache.for_budget(mc, ec.kv_cache_bytes, ec.page_size, device=device)
+        self.scheduler = Scheduler(self.kv, ec.max_batch_size, ec.max_waiting, ec.max_prefills)
+        slo = None
+        if ec.slo_target_itl_ms is not None:
+            lo, hi = mc.step_range
+            slo = SLOController(
+                ec.slo_target_itl_ms / 1000.0,
+                ec.slo_min_steps if ec.slo_min_steps is not None else lo,
+                ec.slo_max_steps if ec.slo_max_steps is not None else hi,
+                window=ec.slo_window,
+                hysteresis=ec.slo_hysteresis,
+                initial_steps=ec.default_steps,
+            )
+        self.policy = StepPolicy(mc, profile, ec.default_steps, slo)
+        self.stats_callbacks: list[StatsCallback] = []
+        try:
+            self._eot: int | None = eot_id(tokenizer)
+        except ValueError:
+            self._eot = None
+        self._states: dict[str, _RequestState] = {}
+        self._pending_aborts: list[str] = []
+        self._state = "created"
+        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._iterations = 0
+        self._finished = 0
+        self._tokens = 0
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: str | Path, config: EngineConfig | None = None, backend: str = "torch", **kwargs: Any
+    ) -> Engine:
+        """Build an engine from a model directory (weights, tokenizer, profile).
+
+        Args:
+            model_dir: the model directory.
+            config: engine settings.
+            backend: "torch" or "onnx".
+            **kwargs: passed to `runtime.backends.load_backend`.
+        """
+        from models.checkpoint import TOKENIZER_FILE
+        from models.tokenizer import load_tokenizer
+        from runtime.backends import load_backend
+
+        be = load_backend(model_dir, backend, **kwargs)
+        tok = load_tokenizer(Path(model_dir) / TOKENIZER_FILE)
+        return cls(be, tok, config, ModelProfile.load(be.config, model_dir))
+
+    # --- lifecycle -----------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return self._state
+
+    async def start(self) -> None:
+        """Start the background loop (idempotent while running)."""
+        if self._state == "running":
+            return
+        if self._state != "created":
+            raise EngineUnavailableError(f"engine is {self._state}; create a new one")
+        self._wakeup = asyncio.Event()
+        # One worker thread: forwards are serialised anyway, and torch uses its
+        # own intra-op threads inside each forward.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leanserve-forward")
+        self._state = "running"
+        self._task = asyncio.create_task(self._run(), name="leanserve-engine")
+
+    async def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stop the engine.
+
+        Args:
+            drain: finish the requests already accepted (new ones are refused
+                with `EngineUnavailableError` meanwhile); False fails them at
+                once with `EngineUnavailableError`.
+            timeout_s: with `drain`, give up draining after this long and fail
+                what is left.
+        """
+        if self._state in ("created", "stopped", "dead"):
+            self._state = "stopped" if self._state != "dead" else "dead"
+            return
+        if drain:
+            self._state = "draining"
+            self._wake()
+            if self._task is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        self._state = "stopped"
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._fail_all(EngineUnavailableError("engine stopped before the request finished"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    # --- requests ------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request; return its stream of outputs.
+
+        Validation, policy and queueing happen synchronously, so a bad or
+        rejected request raises here, before any iterator exists. Closing the
+        iterator early (or cancelling the task that consumes it) cancels the
+        request.
+
+        Raises:
+            EngineUnavailableError: the engine is not running (or draining).
+            InvalidRequestError: a field is invalid.
+            DeadlineExceededError: the request's deadline has already passed.
+            OverloadedError: the waiting queue is full.
+        """
+        if self._state != "running":
+            raise EngineUnavailableError(f"engine is {self._state}; not accepting requests")
+        if request.request_id in self._states:
+            raise InvalidRequestError("request_id", request.request_id, "must be unique among live requests")
+        prompt_ids = validate_request(request, self.model_config, self.tokenizer, self.policy.tiers)
+        if request.deadline is not None and request.deadline <= time.monotonic():
+            raise DeadlineExceededError(f"request {request.request_id!r}: deadline passed before submission")
+        s = request.sampling
+        decision = self.policy.decide(
+            request.compute, len(prompt_ids), s.max_tokens, batch=self.scheduler.num_running + 1
+        )
+        need = self.kv.pages_needed(decision.steps, len(prompt_ids) + s.max_tokens)
+        if need > self.kv.num_pages:
+            fit = self.kv.num_pages // decision.steps * self.kv.page_size - len(prompt_ids)
+            raise InvalidRequestError(
+                "max_tokens",
+                s.max_tokens,
+                f"at steps={decision.steps} the KV cache ({self.kv.capacity_bytes} bytes) holds at most "
+                f"{max(fit, 0)} new tokens after this {len(prompt_ids)}-token prompt",
+            )
+        stop_ids = set(s.stop_token_ids)
+        if self._eot is not None and not s.ignore_eos:
+            stop_ids.add(self._eot)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            max_tokens=s.max_tokens,
+            steps=decision.steps,
+            experts=decision.model_experts,
+            stop_token_ids=frozenset(stop_ids),
+            arrival_time=request.arrival_time,
+        )
+        self.scheduler.add(seq)  # raises OverloadedError when the queue is full
+        state = _RequestState(
+            request=request,
+            seq=seq,
+            decision=decision,
+            stream=TextStream(self.tokenizer, prompt_ids, s.stop),
+            generator=None if s.temperature == 0 else make_generator(s.seed),
+        )
+        self._states[request.request_id] = state
+        self._wake()
+        return self._stream(state)
+
+    async def _stream(self, state: _RequestState) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                item = await state.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            # The consumer left early (closed the iterator or was cancelled).
+            if not state.done:
+                self.cancel(state.request.request_id)
+
+    async def generate(self, request: GenerationRequest) -> RequestOutput:
+        """Run a request to completion and return one aggregated output.
+
+        Raises:
+            RequestCancelledError: the request was cancelled.
+            Any error `submit` or the stream raises.
+        """
+        text, ids, last = [], [], None
+        async for out in self.submit(request):
+            text.append(out.text)
+            ids.extend(out.token_ids)
+            last = out
+        assert last is not None
+        if last.finish_reason == "cancelled":
+            raise RequestCancelledError(f"request {request.request_id!r} was cancelled")
+        last.text, last.token_ids = "".join(text), ids
+        return last
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a live request; its KV is freed at the next iteration boundary.
+
+        Returns:
+            True if the request was live.
+        """
+        state = self._states.get(request_id)
+        if state is None or state.done:
+            return False
+        if self._state in ("running", "draining"):
+            self._pending_aborts.append(request_id)
+            self._wake()
+        else:  # no loop to defer to
+            self._abort(request_id)
+        return True
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queue, KV and throughput counters."""
+        return EngineStats(
+            state=self._state,
+            model=self.model_config.name,
+            backend=getattr(self.backend, "name", type(self.backend).__name__),
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            kv_used_bytes=self.kv.used_bytes,
+            kv_capacity_bytes=self.kv.capacity_bytes,
+            kv_free_pages=self.kv.free_pages,
+            iterations=self._iterations,
+            requests_finished=self._finished,
+            tokens_generated=self._tokens,
+            default_steps=self.policy.default_steps,
+        )
+
+    # --- the loop --------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        try:
+            while True:
+                self._apply_aborts()
+                self._expire_deadlines()
+                if self._state == "draining" and not self.scheduler.has_work():
+                    return
+                out = self.scheduler.schedule()
+                if out.is_empty:
+                    self._wakeup.clear()
+                    # Waiting requests with nothing running cannot happen (a
+                    # request that can never fit is rejected at submit), but a
+                    # timeout keeps deadlines ticking if it ever did.
+                    timeout = 0.05 if self.scheduler.num_waiting else None
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), timeout)
+                    continue
+                result = await loop.run_in_executor(self._executor, self._execute, out)
+                self._process(out, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a backend failure kills the engine, loudly
+            log.exception("engine loop died")
+            self._state = "dead"
+            self._fail_all(EngineUnavailableError(f"engine failed: {e}"))
+
+    def _execute(self, out: SchedulerOutput) -> _IterationResult:
+        """Worker thread: run this iteration's forwards and sample (reads state only)."""
+        t0 = time.perf_counter()
+        tokens: dict[str, int] = {}
+        counts: torch.Tensor | None = None
+        # Rows of one forward share T: prefill equal-length prompts together.
+        groups: dict[int, list[Sequence]] = {}
+        for seq in out.prefill:
+            groups.setdefault(len(seq.prompt_ids), []).append(seq)
+        batches = [(g, False) for g in groups.values()] + ([(out.decode, True)] if out.decode else [])
+        for seqs, _is_decode in batches:
+            inputs = [s.next_input() for s in seqs]
+            T = len(inputs[0][0])
+            ids = torch.tensor([i for i, _ in inputs], dtype=torch.long)  # (B, T)
+            start = torch.tensor([p for _, p in inputs], dtype=torch.long)  # (B,)
+            positions = start[:, None] + torch.arange(T)[None, :]  # (B, T)
+            steps = torch.tensor([s.steps for s in seqs], dtype=torch.long)  # (B,)
+            experts = self._experts_tensor(seqs)
+            kv = self.kv.batch([s.request_id for s in seqs])
+            res = self.backend.forward(ids, positions, steps, kv, experts, True)
+            logits = res.logits[:, -1, :]  # (B, V)
+            states = [self._states[s.request_id] for s in seqs]
+            sampled = sample(logits, [st.request.sampling for st in states], [st.generator for st in states])
+            tokens.update({s.request_id: t for s, t in zip(seqs, sampled)})
+            if res.expert_counts is not None:
+                c = res.expert_counts.detach().to("cpu", torch.long)
+                counts = c if counts is None else counts + c
+        return _IterationResult(tokens, [] if counts is None else counts.tolist(), time.perf_counter() - t0)
+
+    def _experts_tensor(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Per-row expert settings, or None when every row uses the maximum."""
+        if all(s.experts is None for s in seqs):
+            return None
+        top = (
+            self.model_config.experts_top_k
+            if self.model_config.ffn == "moe"
+            else self.model_config.tree_depth
+        )
+        return torch.tensor([top if s.experts is None else s.experts for s in seqs], dtype=torch.long)
+
+    def _process(self, out: SchedulerOutput, result: _IterationResult) -> None:
+        """Event loop: record tokens, detokenise, stream, finish, emit stats."""
+        self._iterations += 1
+        steps_hist: dict[int, int] = {}
+        for seq in out.sequences:
+            steps_hist[seq.steps] = steps_hist.get(seq.steps, 0) + 1
+        self.scheduler.update(out, result.tokens)
+        now = time.monotonic()
+        for seq in out.sequences:
+            state = self._states.get(seq.request_id)
+            if state is None or state.done or seq.request_id not in result.tokens:
+                continue  # aborted while the model ran
+            token = result.tokens[seq.request_id]
+            self._tokens += 1
+            if state.first_token_time is None:
+                state.first_token_time = now
+            else:
+                itl = now - (state.last_token_time or now)
+                state.itls.append(itl)
+                if self.policy.slo is not None:
+                    self.policy.slo.observe(itl)
+            state.last_token_time = now
+            if seq.finish_reason == "stop" and token in seq.stop_token_ids:
+                text = state.stream.finish()  # the stop token itself has no text
+            else:
+                text = state.stream.push(token)
+                if state.stream.stopped and seq.status is SequenceStatus.RUNNING:
+                    self.scheduler.finish(seq.request_id, "stop")  # frees KV now
+                elif seq.status is SequenceStatus.FINISHED:
+                    text += state.stream.finish()
+            self._emit(state, text, [token])
+        self._publish(
+            IterationStats(
+                batch_size=len(result.tokens),
+                num_prefill=len(out.prefill),
+                num_decode=len(out.decode),
+                steps_histogram=steps_hist,
+                expert_token_counts=result.expert_counts,
+                kv_used_bytes=self.kv.used_bytes,
+                kv_capacity_bytes=self.kv.capacity_bytes,
+                num_waiting=self.scheduler.num_waiting,
+                num_running=self.scheduler.num_running,
+                duration_s=result.duration_s,
+            )
+        )
+
+    def _emit(self, state: _RequestState, text: str, token_ids: list[int]) -> None:
+        seq, now = state.seq, time.monotonic()
+        finished = seq.status is SequenceStatus.FINISHED
+        arrival = seq.arrival_time
+        state.queue.put_nowait(
+            RequestOutput(
+                request_id=seq.request_id,
+                text=text,
+                token_ids=token_ids,
+                finished=finished,
+                finish_reason=seq.finish_reason if finished else None,
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.output_ids),
+                steps=seq.steps,
+                experts=state.decision.experts,
+                policy_reason=state.decision.reason,
+                queue_s=None if seq.admitted_time is None else seq.admitted_time - arrival,
+                first_token_s=None if state.first_token_time is None else state.first_token_time - arrival,
+                total_s=now - arrival,
+            )
+        )
+        if finished:
+            self._finalize(state, seq.finish_reason or "stop")
+
+    def _finalize(self, state: _RequestState, reason: str) -> None:
+        state.done = True
+        self._states.pop(state.request.request_id, None)
+        self._finished += 1
+        seq, now = state.seq, time.monotonic()
+        self._publish(
+            RequestStats(
+                request_id=seq.request_id,
+                queue_time_s=None if seq.admitted_time is None else seq.admitted_time - seq.arrival_time,
+                ttft_s=None if state.first_token_time is None else state.first_token_time - seq.arrival_time,
+                itl_s=state.itls,
+                total_s=now - seq.arrival_time,
+                steps=seq.steps,
+                experts=state.decision.experts,
+                policy_reason=state.decision.reason,
+                prompt_tokens=len(seq.prompt_ids),
+                generated_tokens=len(seq.output_ids),
+                finish_reason=reason,
+            )
+        )
+
+    def _publish(self, stats: RequestStats | IterationStats) -> None:
+        for callback in list(self.stats_callbacks):
+            try:
+                callback(stats)
+            except Exception:  # a broken subscriber must not kill the engine
+                log.exception("stats callback %r failed", callback)
+
+    # --- leaving early -----------------------------------------------------------
+    def _apply_aborts(self) -> None:
+        pending, self._pending_aborts = self._pending_aborts, []
+        for request_id in pending:
+            self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        state = self._states.get(request_id)
+        if state is None or state.done:
+            return
+        self.scheduler.abort(request_id)  # releases KV
+        self._emit(state, "", [])
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for state in list(self._states.values()):
+            deadline = state.request.deadline
+            if deadline is not None and now >= deadline and not state.done:
+                self._fail(
+                    state, DeadlineExceededError(f"request {state.seq.request_id!r}: deadline exceeded")
+                )
+
+    def _fail(self, state: _RequestState, error: BaseException) -> None:
+        self.scheduler.abort(state.seq.request_id)
+        state.queue.put_nowait(error)
+        reason = "deadline" if isinstance(error, DeadlineExceededError) else "error"
+        self._finalize(state, reason)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for state in list(self._states.values()):
+            if not state.done:
+                self._fail(state, error)

@@ -1,0 +1,92 @@
+"""In-process commands on a model directory: `leanserve generate --local` and `leanserve info`.
+
+These run the bare model (models/) without the serving engine, which makes
+them the reference a served answer can be compared with, and a way to try a
+model before starting a server.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "zoo" / "ode-tiny"
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """The given model directory, or the demo model `models/zoo/ode-tiny`."""
+    path = Path(model) if model else DEMO_MODEL
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: model directory not found")
+    return path
+
+
+def generate_local(args: Any) -> int:
+    """Generate from a prompt with the bare model, streaming the text."""
+    import torch
+
+    from models.checkpoint import TOKENIZER_FILE, load_model
+    from models.tokenizer import IncrementalDecoder, load_tokenizer
+
+    model_dir = resolve_model_dir(args.model)
+    model = load_model(model_dir)
+    tok = load_tokenizer(model_dir / TOKENIZER_FILE)
+    prompt_ids = tok.encode(args.prompt).ids
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    ids = model.generate(
+        prompt_ids,
+        args.max_tokens,
+        steps=args.steps,
+        experts=args.experts,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    elapsed = time.perf_counter() - t0
+    decoder = IncrementalDecoder(tok, prompt_ids)
+    out = sys.stdout
+    out.write(args.prompt)
+    for token in ids:
+        out.write(decoder.push(token))
+        if args.stream:
+            out.flush()
+    out.write(decoder.flush() + "\n")
+    steps = args.steps or model.config.default_steps
+    print(
+        f"[{len(ids)} tokens, steps={steps}, {elapsed / max(len(ids), 1) * 1e3:.1f} ms/token, local]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def info(args: Any) -> int:
+    """Print a model directory's architecture, compute options and profile."""
+    from models.checkpoint import PROFILE_FILE, load_config, read_json
+    from models.cost import param_counts
+
+    model_dir = resolve_model_dir(args.model)
+    c = load_config(model_dir)
+    counts = param_counts(c)
+    lo, hi = c.step_range
+    summary = {
+        "name": c.name,
+        "parameters": counts["total"],
+        "trunk": c.trunk,
+        "blocks": c.n_blocks,
+        "block": c.block,
+        "ffn": c.ffn,
+        "parameterisation": c.parameterisation,
+        "d_model": c.d_model,
+        "context_length": c.context_length,
+        "steps": {"min": lo, "max": hi, "default": c.default_steps},
+        "expert_options": c.expert_options,
+    }
+    profile = read_json(model_dir, PROFILE_FILE)
+    if profile:
+        summary["quality_tiers"] = profile.get("quality_tiers")
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,269 @@
+"""Request, output, error and stats types of the inference engine.
+
+These are the engine's internal, already-typed request model: the gRPC
+servicer and the HTTP routes convert their wire messages into a
+`GenerationRequest`, hand it to `Engine.submit`, and map the typed errors
+below to status codes in one place (DESIGN.md "Contracts"). Nothing here
+imports torch, Ray or gRPC, so the serving shim and the metrics module can
+import it cheaply.
+
+Units: every duration is in seconds (`*_s`), except `latency_budget_ms`,
+which keeps the unit of the public API field it mirrors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+QUALITY_TIERS = ("fast", "balanced", "best")
+
+
+# ----------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """How tokens are drawn and when generation stops.
+
+    Attributes:
+        max_tokens: tokens to generate at most (>= 1).
+        temperature: 0 = greedy; otherwise logits are divided by it (>= 0).
+        top_p: nucleus mass kept, in (0, 1]; 1 disables it.
+        top_k: most likely tokens kept; 0 disables it.
+        seed: seeds the request's own generator, so the same seed and
+            settings give the same text alone or batched; None = random.
+        stop: strings that end generation; the matched string and anything
+            after it are not emitted.
+        stop_token_ids: token ids that end generation (finish_reason "stop").
+        ignore_eos: keep generating after the end-of-text token (benchmarks).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class ComputeParams:
+    """Per-request compute dials; all optional (see runtime/policy.py).
+
+    Attributes:
+        steps: explicit Euler step count; wins over everything else.
+        quality: named tier ("fast", "balanced", "best") from profile.json.
+        latency_budget_ms: whole-request budget mapped through the cost model
+            to the largest step count predicted to fit (the server also
+            passes the gRPC deadline here).
+        experts_top_k: experts per token (MoE models only).
+        expert_depth: tree truncation depth (tree-FFN models only).
+    """
+
+    steps: int | None = None
+    quality: str | None = None
+    latency_budget_ms: float | None = None
+    experts_top_k: int | None = None
+    expert_depth: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One generation request, exactly one of `prompt` / `prompt_token_ids` set.
+
+    Attributes:
+        request_id: unique among live requests of one engine.
+        prompt: text prompt, tokenised by the engine.
+        prompt_token_ids: pre-tokenised prompt.
+        sampling: sampling parameters.
+        compute: compute parameters.
+        arrival_time: `time.monotonic()` when the request arrived.
+        deadline: absolute `time.monotonic()` after which the request fails
+            with `DeadlineExceededError` (None = no deadline).
+    """
+
+    request_id: str
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
+    arrival_time: float = field(default_factory=time.monotonic)
+    deadline: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """One streamed delta of a request (the last one has `finished=True`).
+
+    Attributes:
+        request_id: the request.
+        text: newly emitted text (may be "" while text is held back).
+        token_ids: newly generated token ids.
+        finished: this is the request's last output.
+        finish_reason: why it finished; None while running.
+        prompt_tokens: prompt length in tokens.
+        completion_tokens: tokens generated so far.
+        steps: Euler steps the request runs.
+        experts: experts top-k / tree depth used (None for a dense FFN).
+        policy_reason: why those steps were chosen ("explicit",
+            "quality:balanced", "latency_budget", "default:slo", ...).
+        queue_s: seconds from arrival to admission.
+        first_token_s: seconds from arrival to the first token (None before).
+        total_s: seconds from arrival to this output.
+    """
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    steps: int
+    experts: int | None
+    policy_reason: str
+    queue_s: float | None = None
+    first_token_s: float | None = None
+    total_s: float | None = None
+
+
+# ----------------------------------------------------------------------------
+# Errors (the server maps each class to one gRPC status code)
+# ----------------------------------------------------------------------------
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request field is invalid (gRPC INVALID_ARGUMENT).
+
+    Attributes:
+        field: the offending field, e.g. "sampling.top_p".
+        value: its value.
+        allowed: what would be accepted, in words.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: str) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"invalid {field}={value!r}: {allowed}")
+
+
+class OverloadedError(EngineError):
+    """The waiting queue is full (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is not started, is draining, or has died (gRPC UNAVAILABLE)."""
+
+
+class RequestCancelledError(EngineError):
+    """The request was cancelled before it finished (gRPC CANCELLED)."""
+
+
+class DeadlineExceededError(EngineError):
+    """The request's deadline passed before it finished (gRPC DEADLINE_EXCEEDED)."""
+
+
+# ----------------------------------------------------------------------------
+# Stats (consumed by runtime/metrics; plain data, no Prometheus here)
+# ----------------------------------------------------------------------------
+@dataclass
+class RequestStats:
+    """Emitted once per request when it leaves the engine.
+
+    Attributes:
+        request_id: the request.
+        queue_time_s: arrival to admission (None if never admitted).
+        ttft_s: arrival to first token (None if none was generated).
+        itl_s: inter-token latencies, seconds between consecutive tokens.
+        total_s: arrival to finish.
+        steps: Euler steps used.
+        experts: expert setting used (None for a dense FFN).
+        policy_reason: why the steps were chosen.
+        prompt_tokens: prompt length.
+        generated_tokens: tokens generated.
+        finish_reason: "stop", "length", "cancelled", or "deadline"/"error"
+            for requests that failed.
+    """
+
+    request_id: str
+    queue_time_s: float | None
+    ttft_s: float | None
+    itl_s: list[float]
+    total_s: float
+    steps: int
+    experts: int | None
+    policy_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class IterationStats:
+    """Emitted once per engine iteration (prefills plus one decode pass).
+
+    Attributes:
+        batch_size: rows that produced a token this iteration.
+        num_prefill: rows prefilled.
+        num_decode: rows decoded.
+        steps_histogram: step count -> rows running it this iteration.
+        expert_token_counts: tokens routed to each expert / tree node this
+            iteration (empty for a dense FFN).
+        kv_used_bytes: KV bytes reserved after the iteration.
+        kv_capacity_bytes: KV pool size in bytes.
+        num_waiting: requests waiting for admission after the iteration.
+        num_running: requests holding KV after the iteration.
+        duration_s: wall time of the iteration's model work.
+    """
+
+    batch_size: int
+    num_prefill: int
+    num_decode: int
+    steps_histogram: dict[int, int]
+    expert_token_counts: list[int]
+    kv_used_bytes: int
+    kv_capacity_bytes: int
+    num_waiting: int
+    num_running: int
+    duration_s: float
+
+
+@dataclass
+class EngineStats:
+    """Snapshot returned by `Engine.stats()`.
+
+    Attributes:
+        state: "created", "running", "draining", "stopped" or "dead".
+        model: the model's config name.
+        backend: the backend's name.
+        num_waiting: requests waiting for admission.
+        num_running: requests holding KV.
+        kv_used_bytes: KV bytes reserved.
+        kv_capacity_bytes: KV pool size in bytes.
+        kv_free_pages: free pages in the pool.
+        iterations: iterations run since start.
+        requests_finished: requests that left the engine.
+        tokens_generated: tokens generated since start.
+        default_steps: the step count the default policy currently gives.
+    """
+
+    state: str
+    model: str
+    backend: str
+    num_waiting: int
+    num_running: int
+    kv_used_bytes: int
+    kv_capacity_bytes: int
+    kv_free_pages: int
+    iterations: int
+    requests_finished: int
+    tokens_generated: int
+    default_steps: int

@@ -1,0 +1,405 @@
+"""Engine tests on a tiny random LeanLM (CPU, well under a second each)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from runtime.types import (
+    ComputeParams,
+    DeadlineExceededError,
+    EngineUnavailableError,
+    GenerationRequest,
+    InvalidRequestError,
+    IterationStats,
+    OverloadedError,
+    RequestOutput,
+    RequestStats,
+    SamplingParams,
+)
+
+PROMPT = "The scheduler admitted them"
+
+
+def req(
+    rid: str, prompt: str = PROMPT, steps: int | None = None, max_tokens: int = 12, **kw
+) -> GenerationRequest:
+    compute = {
+        k: kw.pop(k) for k in ("experts_top_k", "expert_depth", "quality", "latency_budget_ms") if k in kw
+    }
+    sampling = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, "ignore_eos": True, **kw})
+    return GenerationRequest(
+        rid, prompt=prompt, sampling=sampling, compute=ComputeParams(steps=steps, **compute)
+    )
+
+
+async def collect(stream) -> tuple[str, list[int], RequestOutput]:
+    text, ids, last = [], [], None
+    async for out in stream:
+        text.append(out.text)
+        ids.extend(out.token_ids)
+        last = out
+    return "".join(text), ids, last
+
+
+async def run_alone(engine, request):
+    await engine.start()
+    try:
+        return await collect(engine.submit(request))
+    finally:
+        await engine.stop()
+
+
+async def run_batched(engine, requests):
+    await engine.start()
+    try:
+        return await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
+    finally:
+        await engine.stop()
+
+
+# --- invariance ------------------------------------------------------------------
+@pytest.mark.parametrize("ffn,field", [("moe", "experts_top_k"), ("tree", "expert_depth")])
+def test_greedy_output_alone_equals_batched_with_mixed_compute(make_engine, arun, ffn, field):
+    target = req("target", steps=4, max_tokens=16, **{field: 1})
+    others = [
+        req("o1", prompt="Then requests arrived", steps=2, max_tokens=20),
+        req(
+            "o2",
+            prompt="short ones and long ones",
+            steps=6,
+            max_tokens=10,
+            **{field: 0 if ffn == "tree" else 2},
+        ),
+        req("o3", prompt=PROMPT, steps=3, max_tokens=16, temperature=0.8, seed=1),
+        req("o4", prompt="every row in one batch", steps=5, max_tokens=8),
+    ]
+    alone = arun(run_alone(make_engine(ffn), target))
+    # Join at different times too: half the others start first, the target joins mid-decode.
+    engine = make_engine(ffn)
+
+    async def staggered():
+        await engine.start()
+        try:
+            first = [asyncio.create_task(collect(engine.submit(r))) for r in others[:2]]
+            await asyncio.sleep(0.01)
+            rest = [asyncio.create_task(collect(engine.submit(r))) for r in [target, *others[2:]]]
+            return await asyncio.gather(*first, *rest)
+        finally:
+            await engine.stop()
+
+    results = arun(staggered())
+    batched = results[2]
+    assert batched[1] == alone[1] and batched[0] == alone[0]
+    assert len(alone[1]) == 16 and batched[2].steps == 4 and batched[2].experts == 1
+    # Every request of the batch ran (and reported) its own compute.
+    assert [r[2].steps for r in results] == [2, 6, 4, 3, 5]
+
+
+def test_seeded_sampling_reproducible_alone_and_batched(make_engine, arun):
+    def sampled(rid):
+        return req(rid, steps=3, max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, seed=1234)
+
+    first = arun(run_alone(make_engine(), sampled("a")))
+    again = arun(run_alone(make_engine(), sampled("a")))
+    batched = arun(
+        run_batched(
+            make_engine(),
+            [req("x", steps=6, temperature=1.0, seed=9), sampled("a"), req("y", steps=2, max_tokens=30)],
+        )
+    )[1]
+    assert first[1] == again[1] == batched[1]
+    different_seed = arun(run_alone(make_engine(), req("a", steps=3, max_tokens=16, temperature=1.0, seed=5)))
+    assert different_seed[1] != first[1]
+
+
+# --- stopping ----------------------------------------------------------------------
+def test_max_tokens_finishes_with_length(make_engine, arun):
+    text, ids, last = arun(run_alone(make_engine(), req("a", max_tokens=7)))
+    assert len(ids) == 7 and last.finished and last.finish_reason == "length"
+    assert last.completion_tokens == 7 and last.prompt_tokens > 0
+
+
+def test_stop_string_is_not_emitted(make_engine, arun):
+    full, _, _ = arun(run_alone(make_engine(), req("a", max_tokens=24)))
+    assert len(full) >= 8
+    stop = full[4:7]
+    want = full[: full.find(stop)]
+    text, _, last = arun(run_alone(make_engine(), req("a", max_tokens=24, stop=[stop])))
+    assert text == want and stop not in text
+    assert last.finish_reason == "stop"
+
+
+def test_stop_token_id_finishes_with_stop(make_engine, arun):
+    _, ids, _ = arun(run_alone(make_engine(), req("a", max_tokens=20)))
+    stop_id = ids[3]
+    _, got, last = arun(run_alone(make_engine(), req("a", max_tokens=20, stop_token_ids=[stop_id])))
+    assert got == ids[: ids.index(stop_id) + 1]
+    assert last.finish_reason == "stop"
+
+
+# --- cancellation and KV --------------------------------------------------------------
+def test_cancel_frees_kv_within_one_iteration(make_engine, arun):
+    engine = make_engine()
+
+    async def scenario():
+        await engine.start()
+        stream = engine.submit(req("a", max_tokens=40))
+        await stream.__anext__()
+        assert engine.stats().kv_used_bytes > 0
+        before = engine.stats().iterations
+        assert engine.cancel("a")
+        # Outputs of the iteration that was already running may still arrive.
+        last = await stream.__anext__()
+        while not last.finished:
+            last = await stream.__anext__()
+        stats = engine.stats()
+        await engine.stop()
+        return last, stats, before
+
+    last, stats, before = arun(scenario())
+    assert last.finished and last.finish_reason == "cancelled"
+    assert stats.kv_used_bytes == 0 and stats.num_running == 0
+    assert stats.iterations - before <= 1
+
+
+def test_closing_the_stream_cancels_and_frees_kv(make_engine, arun):
+    engine = make_engine()
+
+    async def scenario():
+        await engine.start()
+        stream = engine.submit(req("a", max_tokens=40))
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+        before = engine.stats().iterations
+        while engine.stats().kv_used_bytes and engine.stats().iterations - before < 3:
+            await asyncio.sleep(0.001)
+        stats = engine.stats()
+        await engine.stop()
+        return stats, before
+
+    stats, before = arun(scenario())
+    assert stats.kv_used_bytes == 0 and stats.iterations - before <= 1
+    assert not engine.cancel("a")  # no longer live
+
+
+def test_finished_request_leaves_kv_at_zero_and_stats_flow(make_engine, arun):
+    engine = make_engine()
+    seen: list = []
+    engine.stats_callbacks.append(seen.append)
+    _, _, last = arun(run_alone(engine, req("a", max_tokens=5, quality="fast")))
+    assert engine.stats().kv_used_bytes == 0
+    requests = [s for s in seen if isinstance(s, RequestStats)]
+    iterations = [s for s in seen if isinstance(s, IterationStats)]
+    assert len(requests) == 1 and requests[0].generated_tokens == 5 and len(requests[0].itl_s) == 4
+    assert requests[0].policy_reason == "quality:fast" and last.policy_reason == "quality:fast"
+    assert requests[0].ttft_s is not None and requests[0].queue_time_s is not None
+    assert iterations[0].num_prefill == 1 and iterations[1].num_decode == 1
+    assert iterations[0].steps_histogram == {last.steps: 1}
+    assert len(iterations[0].expert_token_counts) == 4 and sum(iterations[0].expert_token_counts) > 0
+    assert iterations[0].kv_capacity_bytes == engine.stats().kv_capacity_bytes
+
+
+def test_kv_budget_queues_requests_until_memory_frees(make_engine, arun):
+    # 32 pages of 8 tokens (2 KiB each); a 12-token prompt + 20 new tokens at 6 steps takes 24.
+    engine = make_engine(kv_cache_bytes=32 * 8 * 256)
+    peak: list[int] = []
+    engine.stats_callbacks.append(
+        lambda s: peak.append(s.num_running) if isinstance(s, IterationStats) else None
+    )
+    results = arun(run_batched(engine, [req(f"r{i}", steps=6, max_tokens=20) for i in range(3)]))
+    assert all(len(ids) == 20 for _, ids, _ in results)
+    assert max(peak) == 1  # only one reservation fits at a time
+    assert results[2][2].queue_s > results[0][2].queue_s
+
+
+def test_queue_overflow_raises_overloaded(make_engine, arun):
+    engine = make_engine(max_waiting=2)
+
+    async def scenario():
+        await engine.start()
+        streams = [engine.submit(req(f"r{i}")) for i in range(2)]
+        with pytest.raises(OverloadedError):
+            engine.submit(req("r2"))
+        await asyncio.gather(*(collect(s) for s in streams))
+        await engine.stop()
+
+    arun(scenario())
+
+
+def test_unavailable_before_start_and_after_stop(make_engine, arun):
+    engine = make_engine()
+    with pytest.raises(EngineUnavailableError):
+        engine.submit(req("a"))
+
+    async def scenario():
+        await engine.start()
+        stream = engine.submit(req("a", max_tokens=6))
+        await engine.stop(drain=True)  # drains: the accepted request completes
+        with pytest.raises(EngineUnavailableError):
+            engine.submit(req("b"))
+        return await collect(stream)
+
+    _, ids, last = arun(scenario())
+    assert len(ids) == 6 and last.finish_reason == "length"
+
+
+def test_stop_without_drain_fails_running_requests(make_engine, arun):
+    engine = make_engine()
+
+    async def scenario():
+        await engine.start()
+        stream = engine.submit(req("a", max_tokens=40))
+        await stream.__anext__()
+        await engine.stop(drain=False)
+        with pytest.raises(EngineUnavailableError):
+            await collect(stream)
+        return engine.stats()
+
+    stats = arun(scenario())
+    assert stats.state == "stopped" and stats.kv_used_bytes == 0
+
+
+def test_deadline_exceeded(make_engine, arun):
+    engine = make_engine()
+
+    async def scenario():
+        await engine.start()
+        with pytest.raises(DeadlineExceededError):
+            engine.submit(GenerationRequest("late", prompt=PROMPT, deadline=time.monotonic() - 1))
+        r = req("a", max_tokens=50)
+        r.deadline = time.monotonic() + 0.02
+        stream = engine.submit(r)
+        with pytest.raises(DeadlineExceededError):
+            await collect(stream)
+        stats = engine.stats()
+        await engine.stop()
+        return stats
+
+    assert arun(scenario()).kv_used_bytes == 0
+
+
+# --- validation ---------------------------------------------------------------------
+def _r(**kw) -> GenerationRequest:
+    sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingParams.__dataclass_fields__}
+    compute = {k: kw.pop(k) for k in list(kw) if k in ComputeParams.__dataclass_fields__}
+    kw.setdefault("prompt", PROMPT)
+    return GenerationRequest("v", sampling=SamplingParams(**sampling), compute=ComputeParams(**compute), **kw)
+
+
+INVALID = [
+    ("steps", _r(steps=1), "[2, 6]"),
+    ("steps", _r(steps=7), "[2, 6]"),
+    ("max_tokens", _r(max_tokens=60), "context_length=64"),
+    ("max_tokens", _r(max_tokens=0), ">= 1"),
+    ("temperature", _r(temperature=-0.1), ">= 0"),
+    ("top_p", _r(top_p=0.0), "(0, 1]"),
+    ("top_p", _r(top_p=1.5), "(0, 1]"),
+    ("top_k", _r(top_k=-1), ">= 0"),
+    ("seed", _r(seed=-3), "integer"),
+    ("prompt", _r(prompt=""), "non-empty"),
+    ("prompt", _r(prompt=None), "exactly one"),
+    ("prompt", _r(prompt="x", prompt_token_ids=[1]), "exactly one"),
+    ("prompt_token_ids", _r(prompt=None, prompt_token_ids=[]), "non-empty"),
+    ("prompt_token_ids", _r(prompt=None, prompt_token_ids=[5, 320]), "[0, 319]"),
+    ("stop_token_ids", _r(stop_token_ids=[-1]), "[0, 319]"),
+    ("stop", _r(stop=[""]), "non-empty strings"),
+    ("quality", _r(quality="turbo"), "balanced, best, fast"),
+    ("latency_budget_ms", _r(latency_budget_ms=0), "> 0"),
+    ("latency_budget_ms", _r(latency_budget_ms=-5), "> 0"),
+    ("experts_top_k", _r(experts_top_k=3), "[1, 2]"),
+    ("experts_top_k", _r(experts_top_k=0), "[1, 2]"),
+    ("expert_depth", _r(expert_depth=1), "ffn=moe"),
+]
+
+
+@pytest.mark.parametrize(
+    "field,request_,allowed", INVALID, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(INVALID)]
+)
+def test_invalid_requests_name_field_value_and_range(make_engine, arun, field, request_, allowed):
+    engine = make_engine()
+
+    async def scenario():
+        await engine.start()
+        try:
+            with pytest.raises(InvalidRequestError) as info:
+                engine.submit(request_)
+            return info.value
+        finally:
+            await engine.stop()
+
+    err = arun(scenario())
+    assert err.field == field
+    message = str(err)
+    assert field in message and allowed in message and repr(err.value) in message
+    assert engine.stats().num_waiting == 0
+
+
+def test_prompt_plus_max_tokens_message_names_both_numbers(make_engine, tokenizer, arun):
+    engine = make_engine()
+    n = len(tokenizer.encode(PROMPT).ids)
+
+    async def scenario():
+        await engine.start()
+        try:
+            engine.submit(_r(max_tokens=60))
+        finally:
+            await engine.stop()
+
+    with pytest.raises(InvalidRequestError, match=rf"prompt \({n} tokens\) \+ max_tokens \(60\)"):
+        arun(scenario())
+
+
+@pytest.mark.parametrize(
+    "ffn,field,value,allowed",
+    [
+        ("tree", "expert_depth", 3, "[0, 2]"),
+        ("tree", "experts_top_k", 1, "ffn=tree"),
+        ("dense", "experts_top_k", 1, "no expert setting"),
+        ("dense", "expert_depth", 0, "no expert setting"),
+    ],
+)
+def test_expert_fields_checked_against_the_model(make_engine, arun, ffn, field, value, allowed):
+    engine = make_engine(ffn)
+
+    async def scenario():
+        await engine.start()
+        try:
+            engine.submit(_r(**{field: value}))
+        finally:
+            await engine.stop()
+
+    with pytest.raises(InvalidRequestError, match=allowed.replace("[", r"\[")) as info:
+        arun(scenario())
+    assert info.value.field == field and info.value.value == value
+
+
+def test_request_too_large_for_the_kv_pool_is_rejected(make_engine, arun):
+    engine = make_engine(kv_cache_bytes=8 * 256 * 4)  # 4 pages: less than 6 steps x 1 page
+
+    async def scenario():
+        await engine.start()
+        try:
+            engine.submit(req("a", steps=6, max_tokens=4))
+        finally:
+            await engine.stop()
+
+    with pytest.raises(InvalidRequestError, match="KV cache") as info:
+        arun(scenario())
+    assert info.value.field == "max_tokens"
+
+
+def test_duplicate_live_request_id_rejected(make_engine, arun):
+    engine = make_engine()
+
+    async def scenario():
+        await engine.start()
+        stream = engine.submit(req("a"))
+        with pytest.raises(InvalidRequestError, match="request_id"):
+            engine.submit(req("a"))
+        await collect(stream)
+        await engine.stop()
+
+    arun(scenario())
