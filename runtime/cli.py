@@ -212,6 +212,20 @@ register(
 )
 
 
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="model directory (config.json, model.safetensors)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18)")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs torch parity check")
+
+
+register(
+    "export",
+    "export ONNX graphs (embed, one per block, head) into MODEL_DIR/onnx/",
+    _add_export_arguments,
+    "models.export:cli_main",
+)
+
+
 def _add_bench_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="model directory, or a preset name/JSON (random weights)")
     p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
@@ -277,13 +291,44 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream", action="store_true", help="flush text as it is produced")
     p.add_argument("--threads", type=int)
+    remote = p.add_argument_group("server (with --server the model runs in `leanserve serve`, not here)")
+    remote.add_argument("--server", metavar="HOST:PORT", help="gRPC endpoint, e.g. 127.0.0.1:9000")
+    remote.add_argument("--quality", help="quality tier: fast, balanced or best")
+    remote.add_argument("--latency-budget-ms", type=float, help="whole-request budget mapped to steps")
+    remote.add_argument("--timeout", type=float, help="gRPC deadline in seconds (also feeds the step policy)")
 
 
 register(
     "generate",
-    "generate text from a prompt with a local model",
+    "generate text from a prompt with a local model, or from a server with --server",
     _add_generate_arguments,
-    "runtime.local:generate_local",
+    "runtime.client:generate_main",
+)
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", help="model directory (default: models/zoo/ode-tiny)")
+    p.add_argument("--config", help="YAML with the builder args (model_dir, engine, deployment, ...)")
+    p.add_argument("--grpc-port", type=int, default=9000, help="gRPC proxy port (default 9000)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP proxy port (default 8000)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Ray metrics export port (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--num-cpus", type=int, help="CPUs given to the local Ray (default: all)")
+    p.add_argument("--replicas", type=int, help="number of replicas (default 1)")
+    p.add_argument("--max-batch-size", type=int, help="engine: most running requests per replica")
+    p.add_argument("--max-waiting", type=int, help="engine: waiting-queue bound per replica")
+    p.add_argument("--kv-cache-bytes", type=int, help="engine: KV pool bytes per replica")
+    p.add_argument("--default-steps", type=int, help="engine: default step count")
+    p.add_argument("--slo-target-itl-ms", type=float, help="engine: adapt default steps to this ITL")
+    p.add_argument("--threads", type=int, help="torch threads per replica")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+
+
+register(
+    "serve",
+    "serve a model over gRPC (:9000) and OpenAI HTTP (:8000) with a local Ray Serve",
+    _add_serve_arguments,
+    "runtime.serve_cli:main",
 )
 
 
