@@ -1,0 +1,230 @@
+"""gRPC wire messages <-> engine types, and the ONE engine-error -> status-code mapping.
+
+Nothing here imports Ray: the Ray Serve deployment (runtime/serve_app.py) calls
+these functions, and unit tests call them with a fake context.
+
+Deadlines. Ray Serve's gRPC proxy does not forward the client's gRPC deadline
+to the replica (its `RayServegRPCContext` has no `time_remaining()`), so the
+client states its remaining time in the metadata key `x-leanserve-timeout-ms`
+(`runtime/client.py` does this whenever a timeout is given). The server then
+(1) sets the engine deadline, so the request fails with DEADLINE_EXCEEDED
+rather than running on after the client gave up, and (2) when the request sets
+no compute field, passes the same time as `latency_budget_ms`, so the step
+policy picks the most steps predicted to fit (reason "latency_budget"; with
+no calibrated cost model the default applies, reason
+"latency_budget:uncalibrated"). A client that sets only a gRPC deadline still
+gets DEADLINE_EXCEEDED from its own gRPC library, and the proxy's cancellation
+of the call cancels the engine request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, NoReturn, Protocol
+
+import grpc
+
+from runtime.types import (
+    ComputeParams,
+    DeadlineExceededError,
+    EngineUnavailableError,
+    GenerationRequest,
+    InvalidRequestError,
+    OverloadedError,
+    RequestCancelledError,
+    RequestOutput,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_METADATA_KEY = "x-leanserve-timeout-ms"
+
+# Engine error class -> gRPC status code. Order matters only for subclasses (none overlap).
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED),
+    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+class StatusContext(Protocol):
+    """The part of a gRPC servicer context we use (grpc's or Ray's `RayServegRPCContext`)."""
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+
+    def set_details(self, details: str) -> None: ...
+
+    def invocation_metadata(self) -> Any: ...
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map an exception to `(status code, details)`: the single mapping of the server.
+
+    Engine errors map to the code their class stands for; anything else is a
+    server bug, reported as INTERNAL with a generic message (the traceback is
+    logged, not sent to the client).
+    """
+    for cls, code in _CODES:
+        if isinstance(error, cls):
+            return code, str(error)
+    log.error("internal error while serving a request", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+
+
+def set_error(context: StatusContext, error: BaseException) -> grpc.StatusCode:
+    """Put the mapped status of `error` on a servicer context; returns the code."""
+    code, details = status_for(error)
+    context.set_code(code)
+    context.set_details(details)
+    return code
+
+
+class AbortedRpcError(Exception):
+    """Raised after the status is set: Ray returns the context's status only with an exception.
+
+    A plain one-argument exception on purpose: Ray pickles it from the replica
+    to the proxy, and the engine errors (several constructor arguments) do not
+    unpickle; the status code and details travel on the context anyway.
+    """
+
+
+def abort(context: StatusContext, error: BaseException) -> NoReturn:
+    """Set the mapped status of `error` on the context and end the RPC (raises `AbortedRpcError`)."""
+    code = set_error(context, error)
+    raise AbortedRpcError(f"{code.name}: {error}") from None
+
+
+def timeout_ms_from_metadata(context: StatusContext | None) -> float | None:
+    """The client's remaining time from `x-leanserve-timeout-ms`, or None (absent or invalid).
+
+    Raises:
+        InvalidRequestError: the value is not a positive number.
+    """
+    if context is None:
+        return None
+    for key, value in context.invocation_metadata() or ():
+        if key == TIMEOUT_METADATA_KEY:
+            try:
+                ms = float(value)
+            except ValueError:
+                ms = float("nan")
+            if not ms > 0 or ms == float("inf"):
+                raise InvalidRequestError(TIMEOUT_METADATA_KEY, value, "must be a number of milliseconds > 0")
+            return ms
+    return None
+
+
+def to_engine_request(message: Any, timeout_ms: float | None = None) -> GenerationRequest:
+    """Convert a `leanserve.v1.GenerateRequest` into the engine's `GenerationRequest`.
+
+    Field checks (ranges, the prompt) are the engine's job (`validate_request`),
+    so this only converts: unset optional fields keep the engine defaults.
+
+    Args:
+        message: the protobuf request.
+        timeout_ms: the client's remaining time (see the module docstring).
+    """
+    s, c = message.sampling, message.compute
+    defaults = SamplingParams()
+    sampling = SamplingParams(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else defaults.max_tokens,
+        temperature=s.temperature if s.HasField("temperature") else defaults.temperature,
+        top_p=s.top_p if s.HasField("top_p") else defaults.top_p,
+        top_k=s.top_k if s.HasField("top_k") else defaults.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(s.stop),
+        stop_token_ids=list(s.stop_token_ids),
+    )
+    compute = ComputeParams(
+        steps=c.steps if c.HasField("steps") else None,
+        quality=c.quality if c.HasField("quality") else None,
+        latency_budget_ms=c.latency_budget_ms if c.HasField("latency_budget_ms") else None,
+        experts_top_k=c.experts_top_k if c.HasField("experts_top_k") else None,
+        expert_depth=c.expert_depth if c.HasField("expert_depth") else None,
+    )
+    now = time.monotonic()
+    deadline = None
+    if timeout_ms is not None:
+        deadline = now + timeout_ms / 1000.0
+        if compute.steps is None and compute.quality is None and compute.latency_budget_ms is None:
+            compute.latency_budget_ms = timeout_ms
+    request_id = message.request_id if message.HasField("request_id") else uuid.uuid4().hex
+    # An empty prompt is passed on as "" so that the engine names the field.
+    return GenerationRequest(
+        request_id=request_id,
+        prompt=message.prompt,
+        sampling=sampling,
+        compute=compute,
+        arrival_time=now,
+        deadline=deadline,
+    )
+
+
+_FINISH = {"stop": 1, "length": 2, "cancelled": 3}
+
+
+def to_response(pb2: Any, out: RequestOutput) -> Any:
+    """Build a `leanserve.v1.GenerateResponse` from an engine output (whole or delta)."""
+    compute = pb2.ComputeUsed(steps=out.steps, policy_reason=out.policy_reason)
+    if out.experts is not None:
+        compute.experts = out.experts
+    return pb2.GenerateResponse(
+        request_id=out.request_id,
+        text=out.text,
+        token_ids=out.token_ids,
+        finish_reason=_FINISH.get(out.finish_reason or "", 0),
+        usage=pb2.Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
+        compute=compute,
+        timings=pb2.Timings(
+            queue_s=out.queue_s or 0.0, first_token_s=out.first_token_s or 0.0, total_s=out.total_s or 0.0
+        ),
+    )
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Concatenate stream deltas into one output (the last one's counters and timings)."""
+    last = outputs[-1]
+    return RequestOutput(
+        request_id=last.request_id,
+        text="".join(o.text for o in outputs),
+        token_ids=[t for o in outputs for t in o.token_ids],
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        steps=last.steps,
+        experts=last.experts,
+        policy_reason=last.policy_reason,
+        queue_s=last.queue_s,
+        first_token_s=last.first_token_s,
+        total_s=last.total_s,
+    )
+
+
+def model_info(pb2: Any, engine: Any) -> Any:
+    """Build a `leanserve.v1.ModelInfo` from a running engine."""
+    mc = engine.model_config
+    lo, hi = mc.step_range
+    opts = mc.expert_options
+    tiers = [
+        pb2.QualityTier(name=name, steps=t.steps, **({} if t.experts is None else {"experts": t.experts}))
+        for name, t in sorted(engine.policy.tiers.items())
+    ]
+    stats = engine.stats()
+    return pb2.ModelInfo(
+        name=mc.name,
+        context_length=mc.context_length,
+        min_steps=lo,
+        max_steps=hi,
+        default_steps=stats.default_steps,
+        ffn=mc.ffn,
+        experts_top_k_options=opts.get("experts_top_k", []),
+        expert_depth_options=opts.get("expert_depth", []),
+        quality_tiers=tiers,
+        backend=stats.backend,
+    )

@@ -1,0 +1,326 @@
+"""The Ray Serve application: one thin deployment (`LeanServer`) wrapping the engine.
+
+`LeanServer` owns one `Engine` per replica and exposes it three ways:
+
+* gRPC, through Ray Serve's native gRPC proxy: the deployment methods are
+  named after the RPCs of `leanserve.v1.TextGeneration` (`Generate`,
+  `GenerateStream`, `GetModelInfo`) and of `grpc.health.v1.Health`
+  (`Check`). The proxy needs the servicer functions in `GRPC_SERVICER_FUNCTIONS`
+  (passed to `gRPCOptions`); with a single application no `application`
+  metadata is needed, so plain clients and Kubernetes gRPC probes work.
+* HTTP (FastAPI ingress on the same deployment, Serve's HTTP proxy):
+  `POST /v1/completions` (OpenAI, SSE streaming), `GET /v1/models`,
+  `GET /healthz` (200 once the model is loaded and warmed up, else 503) and
+  `GET /stats` (engine snapshot as JSON).
+* Metrics: `runtime.metrics.EngineMetrics` with Ray's metric classes.
+
+The same application runs from `leanserve serve`, `serve run CONFIG` and a
+KubeRay `serveConfigV2`: they all name the builder `runtime.serve_app:build_app`
+as `import_path` and pass `args` (see `ServeArgs` for the keys).
+
+Start-up is bounded: the replica loads and warms up the model within
+`startup_timeout_s` or fails (Ray then retries the replica). Ray's own
+`health_check_period_s` calls `check_health`, which fails when the engine is
+not running (e.g. its loop died), so Ray replaces the replica.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must resolve the route methods'
+# annotations (`request: Request`) at runtime, and Ray's class-based view rewraps them.
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from runtime import grpc_servicer as conv
+from runtime import openai_http
+from runtime.engine import Engine, EngineConfig
+from runtime.proto_build import HEALTH_SERVICER_FUNCTION, SERVICER_FUNCTION, load_stubs
+from runtime.types import ComputeParams, GenerationRequest, RequestOutput
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "leanserve"
+DEPLOYMENT_NAME = "LeanServer"
+GRPC_SERVICER_FUNCTIONS = [SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION]
+GRPC_SERVICE = "leanserve.v1.TextGeneration"
+_METRICS_REFRESH_S = 1.0  # gauges of an idle engine (no iterations) are refreshed this often
+
+# Deployment options a config may set (Ray's names; see `serve.deployment`).
+DEPLOYMENT_OPTIONS = (
+    "num_replicas",
+    "autoscaling_config",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "graceful_shutdown_timeout_s",
+    "ray_actor_options",
+)
+
+
+@dataclass
+class ServeArgs:
+    """The builder's arguments (the `args:` of a Serve config), validated.
+
+    Attributes:
+        model_dir: model directory (default: the demo model models/zoo/ode-tiny).
+        backend: "torch" or "onnx".
+        device: torch device of the torch backend.
+        threads: torch intra-op threads per replica (None = torch's default).
+        startup_timeout_s: bound on loading and warming up the model.
+        engine: `EngineConfig` fields (kv_cache_bytes, max_batch_size,
+            max_waiting, default_steps, slo_target_itl_ms, ...).
+        deployment: Ray deployment options (`DEPLOYMENT_OPTIONS`).
+    """
+
+    model_dir: str | None = None
+    backend: str = "torch"
+    device: str = "cpu"
+    threads: int | None = None
+    startup_timeout_s: float = 300.0
+    engine: dict[str, Any] = field(default_factory=dict)
+    deployment: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any] | None) -> "ServeArgs":
+        """Validate a config dict. `EngineConfig` fields may also sit at the top level.
+
+        Raises:
+            ValueError: an unknown key (named) or a bad value.
+        """
+        args = dict(args or {})
+        engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        own = {f.name for f in dataclasses.fields(cls)}
+        engine = dict(args.pop("engine", None) or {})
+        for key in list(args):
+            if key in engine_fields:
+                engine[key] = args.pop(key)
+        unknown = sorted(set(args) - own) + sorted(set(engine) - engine_fields)
+        if unknown:
+            raise ValueError(
+                f"unknown serve argument(s) {unknown}; engine settings are {sorted(engine_fields)}"
+            )
+        bad = sorted(set(args.get("deployment") or {}) - set(DEPLOYMENT_OPTIONS))
+        if bad:
+            raise ValueError(f"unknown deployment option(s) {bad}; allowed: {list(DEPLOYMENT_OPTIONS)}")
+        out = cls(**args, engine=engine)
+        EngineConfig(**out.engine)  # type errors surface here, in the driver, not in a replica
+        if out.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s={out.startup_timeout_s} must be > 0")
+        return out
+
+
+app = FastAPI(title="leanserve", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(app)
+class LeanServer:
+    """Thin shim: wire requests (gRPC messages, HTTP JSON) -> engine requests -> responses."""
+
+    async def __init__(self, args: dict[str, Any]) -> None:
+        """Load the model, start and warm up the engine, subscribe metrics (bounded by a timeout)."""
+        self.args = ServeArgs.from_dict(args)
+        self.pb2, _ = load_stubs()
+        from grpc_health.v1 import health_pb2
+
+        self.health_pb2 = health_pb2
+        self.ready = False
+        self.engine: Engine | None = None
+        self.created = int(time.time())
+        await asyncio.wait_for(self._start(), self.args.startup_timeout_s)
+        self._refresher = asyncio.create_task(self._refresh_metrics())
+
+    async def _start(self) -> None:
+        from runtime.local import resolve_model_dir
+        from runtime.metrics import EngineMetrics, RayMetrics
+
+        a = self.args
+        model_dir = resolve_model_dir(a.model_dir)
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
+        kwargs = {"device": a.device} if a.backend == "torch" else {}
+        # Loading reads weights from disk: keep the replica's event loop free meanwhile.
+        engine = await asyncio.to_thread(
+            Engine.from_model_dir, model_dir, EngineConfig(**a.engine), a.backend, **kwargs
+        )
+        await engine.start()
+        self.metrics = EngineMetrics(engine.model_config.name, RayMetrics(), a.device)
+        # Warm-up: one short request, so the first user request does not pay one-off costs.
+        lo, _ = engine.model_config.step_range
+        warm = GenerationRequest("warmup", prompt="Hello", compute=ComputeParams(steps=lo))
+        warm.sampling.max_tokens = 2
+        await engine.generate(warm)
+        engine.stats_callbacks.append(self.metrics)  # after warm-up: it is not a user request
+        self.engine = engine
+        self.model_name = engine.model_config.name
+        self.ready = True
+        log.info("leanserve replica ready: model %s from %s", self.model_name, model_dir)
+
+    async def _refresh_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(_METRICS_REFRESH_S)
+            if self.engine is not None:
+                self.metrics.refresh(self.engine.stats())
+
+    def check_health(self) -> None:
+        """Ray's health check: raise when the engine cannot serve, so Ray replaces the replica."""
+        if self.engine is None or self.engine.state != "running":
+            raise RuntimeError(f"engine is {None if self.engine is None else self.engine.state}")
+
+    async def __del__(self) -> None:
+        """Replica shutdown: drain the engine (bounded), then stop the refresher."""
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            refresher.cancel()
+        if getattr(self, "engine", None) is not None and self.engine is not None:
+            await self.engine.stop(drain=True, timeout_s=10.0)
+
+    # --- gRPC: leanserve.v1.TextGeneration --------------------------------------------
+    async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 (RPC name)
+        """Unary RPC: run to completion and return the whole text."""
+        outputs: list[RequestOutput] = []
+        try:
+            req = conv.to_engine_request(request, conv.timeout_ms_from_metadata(grpc_context))
+            async for out in self._engine().submit(req):
+                outputs.append(out)
+            if outputs[-1].finish_reason == "cancelled":
+                raise conv.RequestCancelledError(f"request {req.request_id!r} was cancelled")
+        except Exception as e:
+            conv.abort(grpc_context, e)
+        return conv.to_response(self.pb2, conv.merge_outputs(outputs))
+
+    async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        """Server-streaming RPC: one message per delta; a cancelled call cancels the engine request."""
+        try:
+            req = conv.to_engine_request(request, conv.timeout_ms_from_metadata(grpc_context))
+            stream = self._engine().submit(req)
+        except Exception as e:
+            conv.abort(grpc_context, e)
+        try:
+            async for out in stream:
+                yield conv.to_response(self.pb2, out)
+        except Exception as e:
+            conv.abort(grpc_context, e)
+        finally:
+            # Runs on client cancel/disconnect too (Ray cancels this generator): the engine's
+            # stream then cancels the request, which frees its KV at the next iteration.
+            await stream.aclose()
+
+    async def GetModelInfo(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        """Unary RPC: describe the served model."""
+        return conv.model_info(self.pb2, self._engine())
+
+    # --- gRPC: grpc.health.v1.Health -----------------------------------------------
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        """Standard health check: SERVING once the engine runs; "" and our service are known."""
+        h = self.health_pb2
+        if request.service not in ("", GRPC_SERVICE):
+            import grpc
+
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service!r}")
+            raise conv.AbortedRpcError(f"unknown service {request.service!r}")
+        serving = self.ready and self.engine is not None and self.engine.state == "running"
+        status = h.HealthCheckResponse.SERVING if serving else h.HealthCheckResponse.NOT_SERVING
+        return h.HealthCheckResponse(status=status)
+
+    def _engine(self) -> Engine:
+        if self.engine is None or not self.ready:
+            raise conv.EngineUnavailableError("model is still loading")
+        return self.engine
+
+    # --- HTTP: OpenAI-compatible routes and probes -----------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        """OpenAI `POST /v1/completions`, streaming (SSE) or not."""
+        try:
+            try:
+                body = await request.json()
+            except ValueError as e:
+                raise conv.InvalidRequestError("body", "not JSON", "must be a JSON object") from e
+            req, stream = openai_http.parse_completion(body, self.model_name)
+            outputs = self._engine().submit(req)
+            if not stream:
+                collected = [out async for out in outputs]
+                return JSONResponse(openai_http.completion(conv.merge_outputs(collected), self.model_name))
+        except Exception as e:
+            status, payload = openai_http.error_body(e)
+            return JSONResponse(payload, status_code=status)
+        return StreamingResponse(self._sse(outputs), media_type="text/event-stream")
+
+    async def _sse(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+        created = int(time.time())
+        try:
+            async for out in outputs:
+                yield openai_http.sse_chunk(out, self.model_name, created)
+        except Exception as e:  # the status line is sent already: report in-band
+            yield openai_http.sse_error(e)
+        finally:
+            with contextlib.suppress(Exception):
+                await outputs.aclose()  # type: ignore[attr-defined]
+        yield openai_http.SSE_DONE
+
+    @app.get("/v1/models")
+    async def models(self) -> Any:
+        """OpenAI `GET /v1/models`."""
+        if not self.ready:
+            status, payload = openai_http.error_body(conv.EngineUnavailableError("model is still loading"))
+            return JSONResponse(payload, status_code=status)
+        return openai_http.models_list(self.model_name, self.created)
+
+    @app.get("/healthz")
+    async def healthz(self) -> Any:
+        """Readiness: 200 once the model is loaded and warmed up and the engine runs, else 503."""
+        ok = self.ready and self.engine is not None and self.engine.state == "running"
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/stats")
+    async def stats(self) -> Any:
+        """The engine's counters (queue, KV bytes, tokens) as JSON."""
+        return dataclasses.asdict(self._engine().stats())
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Builder for `import_path: runtime.serve_app:build_app` (serve run, KubeRay, `leanserve serve`).
+
+    Args:
+        args: see `ServeArgs`; `deployment` holds Ray deployment options.
+
+    Raises:
+        ValueError: an unknown or invalid argument.
+    """
+    parsed = ServeArgs.from_dict(args)
+    options = dict(parsed.deployment)
+    if "autoscaling_config" in options:
+        options.pop("num_replicas", None)  # Ray rejects both together
+    return LeanServer.options(**options).bind(dataclasses.asdict(parsed))
+
+
+def deploy(args: dict[str, Any] | None, timeout_s: float = 600.0, name: str = APP_NAME) -> None:
+    """Deploy the app on a running Serve instance and wait (bounded) until it is RUNNING.
+
+    Raises:
+        RuntimeError: the deployment failed (Ray's message included).
+        TimeoutError: not running after `timeout_s`.
+    """
+    serve._run(build_app(args), _blocking=False, name=name, route_prefix="/")
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {name!r} is {status.status}: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"application {name!r} not RUNNING after {timeout_s:.0f} s")

@@ -1,0 +1,158 @@
+"""`leanserve serve`: a local, in-process Ray with Serve's gRPC and HTTP proxies, then the app.
+
+Local runs bind to 127.0.0.1 and need no Ray token: the environment is set
+before Ray is imported (RAY_AUTH_MODE=disabled; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+which makes Ray use 127.0.0.1 instead of the route IP). Note that Ray's gRPC
+proxy itself listens on all interfaces of its port; firewall it if that matters.
+
+Endpoints (defaults): gRPC 127.0.0.1:9000 (`leanserve.v1.TextGeneration`,
+`grpc.health.v1.Health`, Ray's `ray.serve.RayServeAPIService/Healthz`), HTTP
+http://127.0.0.1:8000 (`/v1/completions`, `/v1/models`, `/healthz`, `/stats`)
+and Prometheus metrics at http://127.0.0.1:8080/metrics (Ray's exporter; the
+leanserve series carry a `ray_` prefix there).
+
+Ctrl-C / SIGTERM: the app is deleted (replicas drain their engines, bounded),
+Serve and Ray are shut down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+from typing import Any
+
+LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def set_local_env() -> None:
+    """Environment for a local, token-free, loopback Ray (call before importing ray)."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def start_local(
+    grpc_port: int = 9000,
+    http_port: int = 8000,
+    metrics_port: int = 8080,
+    num_cpus: int | None = None,
+    host: str = "127.0.0.1",
+    temp_dir: str | None = None,
+    system_config: dict[str, Any] | None = None,
+) -> None:
+    """Start an in-process Ray and Serve with leanserve's gRPC servicers (no app yet).
+
+    Args:
+        grpc_port: Serve gRPC proxy port.
+        http_port: Serve HTTP proxy port.
+        metrics_port: Ray's Prometheus export port.
+        num_cpus: CPUs Ray may schedule (None = all).
+        host: HTTP proxy bind address.
+        temp_dir: Ray's session directory (None = a fresh temp dir).
+        system_config: Ray `_system_config` (e.g. a shorter `metrics_report_interval_ms`).
+    """
+    set_local_env()
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+    from ray.serve.schema import LoggingConfig
+
+    from runtime.proto_build import load_stubs
+    from runtime.serve_app import GRPC_SERVICER_FUNCTIONS
+
+    load_stubs()  # generate before the proxy actor imports them
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+        _temp_dir=temp_dir or tempfile.mkdtemp(prefix="leanserve-ray-"),
+        _system_config=system_config,
+        configure_logging=False,
+    )
+    serve.start(
+        http_options=HTTPOptions(host=host, port=http_port),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS),
+        # Per-request access logs cost milliseconds each on small machines.
+        logging_config=LoggingConfig(enable_access_log=False),
+    )
+
+
+def stop_local() -> None:
+    """Shut Serve and Ray down (idempotent)."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _app_args(args: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: must hold a mapping of builder args")
+        # Accept a Serve config file too: take the first application's args.
+        if "applications" in loaded:
+            loaded = (loaded["applications"] or [{}])[0].get("args", {}) or {}
+        cfg.update(loaded)
+    if args.model_dir:
+        cfg["model_dir"] = args.model_dir
+    if args.threads:
+        cfg["threads"] = args.threads
+    engine = dict(cfg.pop("engine", None) or {})
+    for flag in ("max_batch_size", "max_waiting", "kv_cache_bytes", "default_steps", "slo_target_itl_ms"):
+        if getattr(args, flag) is not None:
+            engine[flag] = getattr(args, flag)
+    cfg["engine"] = engine
+    if args.replicas:
+        cfg.setdefault("deployment", {})["num_replicas"] = args.replicas
+    return cfg
+
+
+def main(args: Any) -> int:
+    """Run `leanserve serve` until Ctrl-C or SIGTERM."""
+    from runtime.local import resolve_model_dir
+    from runtime.serve_app import ServeArgs, deploy
+
+    cfg = _app_args(args)
+    parsed = ServeArgs.from_dict(cfg)  # bad config fails here, before Ray starts
+    model_dir = resolve_model_dir(parsed.model_dir)
+    stop = threading.Event()
+    # SIGTERM (Kubernetes, systemd) gets the same clean shutdown as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"leanserve serve: starting Ray and deploying {model_dir} ...", file=sys.stderr)
+    start_local(args.grpc_port, args.http_port, args.metrics_port, args.num_cpus, args.host)
+    try:
+        deploy(cfg, timeout_s=args.startup_timeout)
+        print(
+            f"leanserve serve: ready\n"
+            f"  gRPC     127.0.0.1:{args.grpc_port}  (leanserve.v1.TextGeneration, grpc.health.v1.Health)\n"
+            f"  HTTP     http://{args.host}:{args.http_port}/v1/completions  /v1/models  /healthz\n"
+            f"  metrics  http://127.0.0.1:{args.metrics_port}/metrics  (names prefixed ray_leanserve_)\n"
+            f"  try      leanserve generate 'Hello' --server 127.0.0.1:{args.grpc_port} --stream\n"
+            f"Ctrl-C to stop.",
+            flush=True,
+        )
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        print("leanserve serve: shutting down ...", file=sys.stderr)
+    finally:
+        stop_local()
+    return 0

@@ -1,0 +1,155 @@
+"""Unit tests (no Ray): the single error mapping, request conversion, OpenAI parsing, builder args."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from runtime import grpc_servicer as conv
+from runtime import openai_http
+from runtime.proto_build import load_stubs
+from runtime.serve_app import ServeArgs
+from runtime.types import (
+    DeadlineExceededError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestCancelledError,
+    RequestOutput,
+)
+
+pb2, _ = load_stubs()
+
+
+class FakeContext:
+    """Records set_code/set_details like Ray's RayServegRPCContext."""
+
+    def __init__(self, metadata: list[tuple[str, str]] | None = None) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details: str | None = None
+        self._metadata = metadata or []
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self._metadata
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidRequestError("top_p", 2.0, "must lie in (0, 1]"), grpc.StatusCode.INVALID_ARGUMENT),
+        (OverloadedError("queue full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (DeadlineExceededError("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (RequestCancelledError("gone"), grpc.StatusCode.CANCELLED),
+        (EngineUnavailableError("draining"), grpc.StatusCode.UNAVAILABLE),
+        (KeyError("bug"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_every_engine_error_maps_to_its_code(error, code):
+    ctx = FakeContext()
+    assert conv.set_error(ctx, error) is code
+    assert ctx.code is code
+    if code is grpc.StatusCode.INTERNAL:
+        assert "bug" not in ctx.details  # internals stay in the log, not in the reply
+    else:
+        assert ctx.details == str(error)
+
+
+def test_invalid_argument_details_name_field_and_range():
+    code, details = conv.status_for(InvalidRequestError("top_p", 2.0, "must lie in (0, 1]"))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_p" in details and "(0, 1]" in details
+
+
+def test_unset_fields_keep_engine_defaults_and_set_fields_convert():
+    req = conv.to_engine_request(pb2.GenerateRequest(prompt="hi"))
+    assert req.prompt == "hi" and req.request_id
+    assert (req.sampling.max_tokens, req.sampling.temperature, req.sampling.seed) == (16, 1.0, None)
+    assert req.compute.steps is None and req.deadline is None
+    msg = pb2.GenerateRequest(
+        prompt="hi",
+        request_id="r1",
+        sampling=pb2.SamplingParams(max_tokens=5, temperature=0.0, seed=3, stop=["."], stop_token_ids=[7]),
+        compute=pb2.ComputeParams(steps=0, experts_top_k=1),
+    )
+    req = conv.to_engine_request(msg)
+    assert req.request_id == "r1"
+    assert (req.sampling.max_tokens, req.sampling.temperature, req.sampling.seed) == (5, 0.0, 3)
+    assert req.sampling.stop == ["."] and req.sampling.stop_token_ids == [7]
+    # `optional` makes an explicit 0 distinguishable from unset, so the engine can reject it by name.
+    assert req.compute.steps == 0 and req.compute.experts_top_k == 1
+
+
+def test_deadline_feeds_latency_budget_only_without_explicit_compute():
+    t0 = time.monotonic()
+    req = conv.to_engine_request(pb2.GenerateRequest(prompt="hi"), timeout_ms=250.0)
+    assert req.compute.latency_budget_ms == 250.0
+    assert req.deadline is not None and 0.2 < req.deadline - t0 < 0.3
+    explicit = pb2.GenerateRequest(prompt="hi", compute=pb2.ComputeParams(steps=3))
+    req = conv.to_engine_request(explicit, timeout_ms=250.0)
+    assert req.compute.latency_budget_ms is None and req.compute.steps == 3 and req.deadline is not None
+
+
+def test_timeout_metadata_parsing():
+    assert conv.timeout_ms_from_metadata(FakeContext([("x-leanserve-timeout-ms", "1500")])) == 1500.0
+    assert conv.timeout_ms_from_metadata(FakeContext([("other", "1")])) is None
+    assert conv.timeout_ms_from_metadata(None) is None
+    with pytest.raises(InvalidRequestError, match="x-leanserve-timeout-ms"):
+        conv.timeout_ms_from_metadata(FakeContext([("x-leanserve-timeout-ms", "-3")]))
+
+
+def _out(**kw) -> RequestOutput:
+    base = dict(
+        request_id="r", text="ab", token_ids=[1, 2], finished=True, finish_reason="length",
+        prompt_tokens=3, completion_tokens=2, steps=4, experts=None, policy_reason="explicit",
+        queue_s=0.001, first_token_s=0.01, total_s=0.02,
+    )  # fmt: skip
+    base.update(kw)
+    return RequestOutput(**base)
+
+
+def test_response_fields_and_finish_reasons():
+    resp = conv.to_response(pb2, _out())
+    assert resp.finish_reason == pb2.FINISH_REASON_LENGTH
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (3, 2)
+    assert resp.compute.steps == 4 and not resp.compute.HasField("experts")
+    assert resp.timings.first_token_s == pytest.approx(0.01)
+    assert conv.to_response(pb2, _out(finished=False, finish_reason=None)).finish_reason == 0
+    assert conv.to_response(pb2, _out(finish_reason="stop", experts=2)).compute.experts == 2
+    merged = conv.merge_outputs(
+        [_out(text="a", token_ids=[1], finished=False), _out(text="b", token_ids=[2])]
+    )
+    assert merged.text == "ab" and merged.token_ids == [1, 2]
+
+
+def test_openai_parsing_and_error_statuses():
+    req, stream = openai_http.parse_completion(
+        {"model": "m", "prompt": ["hi"], "max_tokens": 4, "stream": True, "steps": 2, "temperature": 0}, "m"
+    )
+    assert stream and req.prompt == "hi" and req.compute.steps == 2 and req.sampling.max_tokens == 4
+    with pytest.raises(openai_http.ModelNotFoundError):
+        openai_http.parse_completion({"model": "other", "prompt": "x"}, "m")
+    with pytest.raises(InvalidRequestError, match="bogus"):
+        openai_http.parse_completion({"prompt": "x", "bogus": 1}, "m")
+    assert openai_http.error_body(InvalidRequestError("top_p", 2, "must lie in (0, 1]"))[0] == 400
+    assert openai_http.error_body(InvalidRequestError("top_p", 2, "x"))[1]["error"]["param"] == "top_p"
+    assert openai_http.error_body(OverloadedError("full"))[0] == 429
+    assert openai_http.error_body(EngineUnavailableError("loading"))[0] == 503
+    assert openai_http.error_body(openai_http.ModelNotFoundError("no"))[0] == 404
+    assert openai_http.error_body(RuntimeError("bug"))[0] == 500
+
+
+def test_builder_args_are_validated_before_ray():
+    args = ServeArgs.from_dict({"model_dir": "x", "max_waiting": 3, "deployment": {"num_replicas": 2}})
+    assert args.engine == {"max_waiting": 3} and args.deployment == {"num_replicas": 2}
+    with pytest.raises(ValueError, match="max_wating"):
+        ServeArgs.from_dict({"max_wating": 3})
+    with pytest.raises(ValueError, match="replicas"):
+        ServeArgs.from_dict({"deployment": {"replicas": 2}})
