@@ -58,10 +58,10 @@ class _StubTokenizer:
         return None
 
     def encode(self, text: str) -> Any:
-        raise NotImplementedError("the benchmark submits token ids")
+        raise ValueError("the engine benchmark submits token ids; a text prompt needs --model-dir")
 
 
-def _build_engine(args: argparse.Namespace, batch: int) -> Any:
+def _build_engine(args: argparse.Namespace, batch: int, backend: str = "torch") -> Any:
     from models.kv_cache import PagedKVCache
     from runtime.engine import Engine, EngineConfig
 
@@ -82,7 +82,7 @@ def _build_engine(args: argparse.Namespace, batch: int) -> Any:
         kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
     )
     if args.model_dir:
-        return Engine.from_model_dir(args.model_dir, ec)
+        return Engine.from_model_dir(args.model_dir, ec, backend=backend)
     from models.model import LeanLM
     from runtime.backends.torch_backend import TorchBackend
 
@@ -138,8 +138,10 @@ async def _engine_run(
     return RunResult(statistics.fmean(itls) if itls else float("nan"), total / wall, wall)
 
 
-def _measure(args: argparse.Namespace, batch: int, steps: int, concurrent: bool = True) -> RunResult:
-    engine = _build_engine(args, batch)
+def _measure(
+    args: argparse.Namespace, batch: int, steps: int, concurrent: bool = True, backend: str = "torch"
+) -> RunResult:
+    engine = _build_engine(args, batch, backend)
     V = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, V, (batch, args.prompt_tokens), generator=gen).tolist()
@@ -280,6 +282,23 @@ def main(args: argparse.Namespace) -> int:
                 _verdict(tps_ratio >= 1.5),
             )
         )
+
+    if args.onnx:
+        if not args.model_dir:
+            raise ValueError("--onnx needs --model-dir (a model exported with `leanserve export`)")
+        for steps in (n_low, hi):
+            ort = _measure(args, 1, steps, backend="onnx")
+            eager = _measure(args, 1, steps)
+            results[f"onnx_vs_torch_itl_ratio_n{steps}"] = ort.itl_s / eager.itl_s
+            rows.append(
+                (
+                    f"ms/token b=1 N={steps}: ONNX Runtime vs torch eager",
+                    f"{ort.itl_s * 1e3:.2f}",
+                    f"{eager.itl_s * 1e3:.2f}",
+                    f"{ort.itl_s / eager.itl_s:.2f}",
+                    "(informational)",
+                )
+            )
 
     header = ("measurement", "leanserve / A", "B", "ratio A/B", "")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]

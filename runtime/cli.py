@@ -243,6 +243,7 @@ def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="concurrent requests")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers GPT-2 comparison")
+    p.add_argument("--onnx", action="store_true", help="also compare ONNX Runtime with torch (needs export)")
     p.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
