@@ -177,10 +177,15 @@ class LeanLM(nn.Module):
         n_iter = int(steps.max())
         uniform_steps = bool((steps == n_iter).all())
         for i in range(n_iter):
-            blk_idx = self.block_index(i, steps)  # (B,)
-            for k in blk_idx.unique().tolist() if c.n_blocks > 1 else [0]:
-                if uniform_steps and c.n_blocks == 1:
-                    rows = None  # every row runs this step with the same block
+            if uniform_steps:
+                # Every row runs this step with the same block: no indexing, no host sync.
+                groups: list[int] = [(i * c.n_blocks) // n_iter]
+            else:
+                blk_idx = self.block_index(i, steps)  # (B,)
+                groups = blk_idx.unique().tolist() if c.n_blocks > 1 else [0]
+            for k in groups:
+                if uniform_steps:
+                    rows = None
                 else:
                     sel = (steps > i) & (blk_idx == k)
                     if not bool(sel.any()):

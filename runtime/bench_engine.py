@@ -70,7 +70,9 @@ def _build_engine(args: argparse.Namespace, batch: int, backend: str = "torch") 
 
         config = load_config(args.model_dir)
     elif args.config:
-        config = ModelConfig.from_json_file(args.config)
+        from models.train import load_preset, preset_path
+
+        config = load_preset(preset_path(args.config))[0]
     else:
         config = ModelConfig(**DEFAULT_CONFIG)
     # Size the pool for exactly this run (+1 page per row): a 1 GiB pool would

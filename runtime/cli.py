@@ -237,7 +237,7 @@ def _add_bench_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", default=None, help="model directory (default: random weights)")
-    p.add_argument("--config", default=None, help="preset JSON for random weights (without --model-dir)")
+    p.add_argument("--config", default=None, help="preset name or JSON for random weights (no --model-dir)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--batch", type=int, default=16, help="concurrent requests")
