@@ -333,6 +333,20 @@ register(
 )
 
 
+def _add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
+    from loadtest.cli import add_arguments  # standard library only
+
+    add_arguments(p)
+
+
+register(
+    "loadtest",
+    "drive a running server: latency vs steps/experts/tiers/rates, overload scenario, reports",
+    _add_loadtest_arguments,
+    "loadtest.cli:main",
+)
+
+
 def _add_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="model directory (default: models/zoo/ode-tiny)")
 

@@ -1,0 +1,112 @@
+"""Integration: a short sweep (2 step settings x 4 requests) against a real `leanserve serve`.
+
+The server is started as the user would start it, `leanserve serve MODEL_DIR` in
+its own process (its own local Ray), serving a tiny model trained here exactly
+like the serving tests' fixture (tests/runtime/test_serve_integration.py). A
+separate process keeps this test independent of that module's in-process Ray,
+which lives in a module-level session fixture that cannot be shared from here.
+The sweep runs through `python -m loadtest` (the same code as `leanserve loadtest`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtest.report import FILES
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = (
+    "In the beginning God created the heavens and the earth. The earth was formless and empty. "
+    "Darkness was on the surface of the deep and God's Spirit was hovering over the surface of the waters. "
+    'God said, "Let there be light," and there was light. God saw the light, and saw that it was good.\n'
+) * 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[str]:
+    """`leanserve serve` on free 127.0.0.1 ports with a tiny trained model; yields the gRPC target."""
+    from models.config import ModelConfig
+    from models.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("loadtest-model")
+    (root / "text.txt").write_text(TEXT, encoding="utf-8")
+    config = ModelConfig(
+        name="serve-tiny", vocab_size=320, context_length=64, d_model=32, n_heads=4, d_ff=64,
+        trunk="ode", min_steps=2, max_steps=4, block="sasp", ffn="moe", base_width=32, tree_depth=1,
+    )  # fmt: skip
+    tcfg = TrainConfig(
+        iterations=20, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_interval=10, checkpoint_interval=20
+    )
+    train(config, tcfg, root / "model", text=root / "text.txt", progress=False)
+    grpc_port = _free_port()
+    cmd = [
+        sys.executable, "-m", "runtime.cli", "serve", str(root / "model"), "--grpc-port", str(grpc_port),
+        "--http-port", str(_free_port()), "--metrics-port", str(_free_port()), "--num-cpus", "2",
+        "--threads", "1", "--startup-timeout", "240",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another test's Ray
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:  # read the server's output so its pipe never fills, and spot "ready"
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "leanserve serve: ready" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.wait(1.0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("leanserve serve did not become ready:\n" + "".join(lines[-40:]))
+        yield f"127.0.0.1:{grpc_port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the server's clean shutdown (drain, Serve, Ray)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_short_sweep_against_leanserve_serve_writes_all_reports(served: str, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    cmd = [
+        sys.executable, "-m", "loadtest", "--target", served, "--steps", "2,4", "--requests", "4",
+        "--rate", "4", "--duration", "20", "--max-tokens", "4", "--timeout", "60", "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+    points = json.loads((out / "points.json").read_text())["points"]
+    assert [p["label"] for p in points] == ["N=2", "N=4"]
+    for p, steps in zip(points, (2, 4), strict=True):
+        assert p["ok"] == p["sent"] == 4, p["errors"]
+        assert p["mean_steps"] == steps and p["policy_reasons"] == {"explicit": 4}
+        assert p["ttft_p50_ms"] > 0 and p["e2e_p99_ms"] >= p["ttft_p99_ms"]
