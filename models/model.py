@@ -23,6 +23,7 @@ Shape legend:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.kv_cache import KVBatch, KVCacheError
-from models.layers import Block, attention_mask, build_norm
+from models.layers import Block, BlockOut, attention_mask, build_norm
 from models.parameterisation import init_weights
 
 
@@ -71,56 +72,6 @@ class LeanLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def block_index(self, step: int, steps: Tensor) -> Tensor:
-        """Block run by Euler step `step` for rows with step counts `steps` (B,)."""
-        return (step * self.config.n_blocks) // steps
-
-    def _check(self, tokens: Tensor, positions: Tensor, steps: Tensor, setting: Tensor | None) -> None:
-        c = self.config
-        lo, hi = c.step_range
-        if steps.numel() and (int(steps.min()) < lo or int(steps.max()) > hi):
-            bad = steps[(steps < lo) | (steps > hi)][0].item()
-            raise ValueError(f"steps={bad}: must lie in [{lo}, {hi}] for this model")
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= c.context_length):
-            raise ValueError(
-                f"positions up to {int(positions.max())}: must lie in [0, {c.context_length - 1}] "
-                f"(context_length={c.context_length})"
-            )
-        if int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size:
-            raise ValueError(f"tokens: ids must lie in [0, {c.vocab_size - 1}]")
-        if setting is not None:
-            if c.ffn == "dense":
-                raise ValueError("experts: this model has a dense FFN and takes no expert setting")
-            name, lo_e, hi_e = (
-                ("experts_top_k", 1, c.experts_top_k) if c.ffn == "moe" else ("expert_depth", 0, c.tree_depth)
-            )
-            if int(setting.min()) < lo_e or int(setting.max()) > hi_e:
-                raise ValueError(f"{name}: must lie in [{lo_e}, {hi_e}] for this model")
-
-    def _check_cache(self, kv: KVBatch, positions: Tensor, steps: Tensor) -> None:
-        if kv.block_tables.shape[0] != positions.shape[0]:
-            raise KVCacheError(
-                f"cache has {kv.block_tables.shape[0]} rows, the batch has {positions.shape[0]}"
-            )
-        wrong = (kv.cached_steps != steps).nonzero()
-        if wrong.numel():
-            b = int(wrong[0, 0])
-            raise KVCacheError(
-                f"row {b}: its cache was built with {int(kv.cached_steps[b])} steps, "
-                f"this call asks for {int(steps[b])}; a sequence keeps its step count"
-            )
-        # Every new position must fall inside the row's reserved pages.
-        page = positions[:, -1] // kv.pool.page_size  # (B,)
-        P = kv.block_tables.shape[2]
-        reserved = (kv.block_tables[:, 0, :] >= 0).sum(1)  # (B,)
-        over = (page >= reserved) | (page >= P)
-        if over.any():
-            b = int(over.nonzero()[0, 0])
-            raise KVCacheError(
-                f"row {b}: position {int(positions[b, -1])} overflows its reservation of "
-                f"{int(reserved[b]) * kv.pool.page_size} tokens"
-            )
-
     # ------------------------------------------------------------------
     def forward(
         self,
@@ -148,80 +99,18 @@ class LeanLM(nn.Module):
             ModelOutput with logits (B, T, V) or (B, 1, V).
         """
         c = self.config
-        B, T = tokens.shape
-        device = tokens.device
-        if positions is None:
-            positions = torch.arange(T, device=device).expand(B, T)
-        if steps is None:
-            steps = c.default_steps
-        if isinstance(steps, int):
-            steps = torch.full((B,), steps, dtype=torch.long, device=device)
-        self._check(tokens, positions, steps, experts)
-        if kv is not None:
-            self._check_cache(kv, positions, steps)
-
+        positions, steps = prepare_inputs(c, tokens, positions, steps, experts, kv)
         x = self.wte(tokens) + self.wpe(positions)  # (B, T, d)
-        h_all = (c.horizon / steps.to(x.dtype)).view(B, 1, 1)  # (B, 1, 1) Euler step per row
-        past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long, device=device)
-        S = int(past_len.max()) if kv is not None else 0
-        P = -(-S // kv.pool.page_size) if kv is not None else 0  # pages covering the longest past
-        nh, hs = c.n_heads, c.head_dim
-        if kv is not None:
-            page_size = kv.pool.page_size
-            slot_page = positions // page_size  # (B, T)
-            slot_off = positions % page_size
-        mask_all = attention_mask(past_len, P * (kv.pool.page_size if kv is not None else 0), T)
-
-        aux_total: Tensor | None = None
-        counts_total: Tensor | None = None
-        n_iter = int(steps.max())
-        uniform_steps = bool((steps == n_iter).all())
-        for i in range(n_iter):
-            if uniform_steps:
-                # Every row runs this step with the same block: no indexing, no host sync.
-                groups: list[int] = [(i * c.n_blocks) // n_iter]
-            else:
-                blk_idx = self.block_index(i, steps)  # (B,)
-                groups = blk_idx.unique().tolist() if c.n_blocks > 1 else [0]
-            for k in groups:
-                if uniform_steps:
-                    rows = None
-                else:
-                    sel = (steps > i) & (blk_idx == k)
-                    if not bool(sel.any()):
-                        continue
-                    rows = None if bool(sel.all()) else sel.nonzero().squeeze(1)  # (R,)
-                xr = x if rows is None else x[rows]
-                hr = h_all if rows is None else h_all[rows]
-                mr = mask_all if rows is None else mask_all[rows]
-                sr = experts if (experts is None or rows is None) else experts[rows]
-                if kv is not None:
-                    bt = kv.block_tables[:, i, :P] if rows is None else kv.block_tables[rows, i, :P]
-                    past_k, past_v = kv.pool.gather(bt)  # (R, nh, S', hs)
-                else:
-                    R = xr.shape[0]
-                    past_k = past_v = xr.new_zeros(R, nh, 0, hs)
-                out = self.blocks[k](xr, hr, past_k, past_v, mr, sr)
-                if kv is not None:
-                    rows_idx = torch.arange(B, device=device) if rows is None else rows
-                    pages = kv.block_tables[rows_idx, i].gather(1, slot_page[rows_idx])  # (R, T)
-                    kv.pool.scatter(pages * page_size + slot_off[rows_idx], out.k, out.v)
-                if rows is None:
-                    x = out.x
-                else:
-                    x = x.index_copy(0, rows, out.x)
-                if out.aux_loss is not None:
-                    aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
-                if out.counts is not None:
-                    counts_total = out.counts if counts_total is None else counts_total + out.counts
-
+        x, aux_total, counts_total = run_trunk(
+            c, x, positions, steps, kv, experts, lambda k, *args: self.blocks[k](*args)
+        )
         if last_only:
             x = x[:, -1:]
         x = self.norm_f(x)
         weight = self.wte.weight if self.head is None else self.head.weight
         logits = (x @ weight.t()) * c.logit_mult  # (B, T, V) CompleteP/muP output multiplier
         if aux_total is not None:
-            aux_total = aux_total / n_iter
+            aux_total = aux_total / int(steps.max())
         return ModelOutput(logits, aux_total, counts_total)
 
     # ------------------------------------------------------------------
@@ -274,3 +163,157 @@ class LeanLM(nn.Module):
             ids = torch.tensor([[nxt]], device=device)
             pos = pos[:, -1:] + 1
         return out
+
+
+# --- shared by every executor of the trunk (LeanLM here, the ONNX backend in runtime/) ---------------
+
+
+def check_inputs(
+    config: ModelConfig, tokens: Tensor, positions: Tensor, steps: Tensor, setting: Tensor | None
+) -> None:
+    """Raise ValueError naming the argument that is out of the model's range."""
+    c = config
+    lo, hi = c.step_range
+    if steps.numel() and (int(steps.min()) < lo or int(steps.max()) > hi):
+        bad = steps[(steps < lo) | (steps > hi)][0].item()
+        raise ValueError(f"steps={bad}: must lie in [{lo}, {hi}] for this model")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= c.context_length):
+        raise ValueError(
+            f"positions up to {int(positions.max())}: must lie in [0, {c.context_length - 1}] "
+            f"(context_length={c.context_length})"
+        )
+    if int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size:
+        raise ValueError(f"tokens: ids must lie in [0, {c.vocab_size - 1}]")
+    if setting is not None:
+        if c.ffn == "dense":
+            raise ValueError("experts: this model has a dense FFN and takes no expert setting")
+        name, lo_e, hi_e = (
+            ("experts_top_k", 1, c.experts_top_k) if c.ffn == "moe" else ("expert_depth", 0, c.tree_depth)
+        )
+        if int(setting.min()) < lo_e or int(setting.max()) > hi_e:
+            raise ValueError(f"{name}: must lie in [{lo_e}, {hi_e}] for this model")
+
+
+def check_cache(kv: KVBatch, positions: Tensor, steps: Tensor) -> None:
+    """Raise KVCacheError on a row mismatch, a changed step count or an overflow."""
+    if kv.block_tables.shape[0] != positions.shape[0]:
+        raise KVCacheError(f"cache has {kv.block_tables.shape[0]} rows, the batch has {positions.shape[0]}")
+    wrong = (kv.cached_steps != steps).nonzero()
+    if wrong.numel():
+        b = int(wrong[0, 0])
+        raise KVCacheError(
+            f"row {b}: its cache was built with {int(kv.cached_steps[b])} steps, "
+            f"this call asks for {int(steps[b])}; a sequence keeps its step count"
+        )
+    # Every new position must fall inside the row's reserved pages.
+    page = positions[:, -1] // kv.pool.page_size  # (B,)
+    P = kv.block_tables.shape[2]
+    reserved = (kv.block_tables[:, 0, :] >= 0).sum(1)  # (B,)
+    over = (page >= reserved) | (page >= P)
+    if over.any():
+        b = int(over.nonzero()[0, 0])
+        raise KVCacheError(
+            f"row {b}: position {int(positions[b, -1])} overflows its reservation of "
+            f"{int(reserved[b]) * kv.pool.page_size} tokens"
+        )
+
+
+def prepare_inputs(
+    config: ModelConfig,
+    tokens: Tensor,
+    positions: Tensor | None,
+    steps: Tensor | int | None,
+    experts: Tensor | None,
+    kv: KVBatch | None,
+) -> tuple[Tensor, Tensor]:
+    """Default and validate positions (B, T) and steps (B,); check the cache view."""
+    B, T = tokens.shape
+    if positions is None:
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+    if steps is None:
+        steps = config.default_steps
+    if isinstance(steps, int):
+        steps = torch.full((B,), steps, dtype=torch.long, device=tokens.device)
+    check_inputs(config, tokens, positions, steps, experts)
+    if kv is not None:
+        check_cache(kv, positions, steps)
+    return positions, steps
+
+
+BlockFn = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None"], BlockOut]
+
+
+def run_trunk(
+    config: ModelConfig,
+    x: Tensor,
+    positions: Tensor,
+    steps: Tensor,
+    kv: KVBatch | None,
+    experts: Tensor | None,
+    block_fn: BlockFn,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Integrate the trunk: N_b Euler steps per row, paged KV in and out.
+
+    Iteration i runs only the rows whose step count exceeds i, grouped by the
+    block they use at that step (partial sharing), each with its own h. The
+    executor of one block application is `block_fn(k, x, h, past_k, past_v,
+    mask, setting) -> BlockOut`: a torch module here, an ONNX Runtime session
+    in runtime/backends/onnx_backend.py, so both run the same loop.
+
+    Args:
+        x: (B, T, d) embedded tokens; positions: (B, T); steps: (B,).
+        kv: paged cache view or None; experts: (B,) setting per row or None.
+
+    Returns:
+        x (B, T, d) after the trunk, the summed aux loss and expert counts.
+    """
+    c = config
+    B, T = positions.shape
+    device = x.device
+    h_all = (c.horizon / steps.to(x.dtype)).view(B, 1, 1)  # (B, 1, 1) Euler step per row
+    past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long, device=device)
+    page_size = kv.pool.page_size if kv is not None else 0
+    P = -(-int(past_len.max()) // page_size) if kv is not None else 0  # pages covering the longest past
+    if kv is not None:
+        slot_page = positions // page_size  # (B, T)
+        slot_off = positions % page_size
+    mask_all = attention_mask(past_len, P * page_size, T)  # (B, 1, T, S+T)
+
+    aux_total: Tensor | None = None
+    counts_total: Tensor | None = None
+    n_iter = int(steps.max())
+    uniform_steps = bool((steps == n_iter).all())
+    for i in range(n_iter):
+        if uniform_steps:
+            # Every row runs this step with the same block: no indexing, no host sync.
+            groups: list[int] = [(i * c.n_blocks) // n_iter]
+        else:
+            blk_idx = (i * c.n_blocks) // steps  # (B,) block of step i per row
+            groups = blk_idx.unique().tolist() if c.n_blocks > 1 else [0]
+        for k in groups:
+            rows = None
+            if not uniform_steps:
+                sel = (steps > i) & (blk_idx == k)
+                if not bool(sel.any()):
+                    continue
+                rows = None if bool(sel.all()) else sel.nonzero().squeeze(1)  # (R,)
+            xr = x if rows is None else x[rows]
+            hr = h_all if rows is None else h_all[rows]
+            mr = mask_all if rows is None else mask_all[rows]
+            sr = experts if (experts is None or rows is None) else experts[rows]
+            if kv is not None:
+                bt = kv.block_tables[:, i, :P] if rows is None else kv.block_tables[rows, i, :P]
+                past_k, past_v = kv.pool.gather(bt)  # (R, nh, S', hs)
+            else:
+                past_k = past_v = xr.new_zeros(xr.shape[0], c.n_heads, 0, c.head_dim)
+            out = block_fn(k, xr, hr, past_k, past_v, mr, sr)
+            if kv is not None:
+                rows_idx = torch.arange(B, device=device) if rows is None else rows
+                pages = kv.block_tables[rows_idx, i].gather(1, slot_page[rows_idx])  # (R, T)
+                kv.pool.scatter(pages * page_size + slot_off[rows_idx], out.k, out.v)
+            x = out.x if rows is None else x.index_copy(0, rows, out.x)
+            if out.aux_loss is not None:
+                aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
+            if out.counts is not None:
+                counts_total = out.counts if counts_total is None else counts_total + out.counts
+    return x, aux_total, counts_total

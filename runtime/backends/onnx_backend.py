@@ -2,7 +2,8 @@
 
 `models/export.py` exports the embedding, each distinct block (one Euler
 step, dense past keys/values in, new keys/values out) and the head as separate
-graphs. This backend runs the same loop as `LeanLM.forward`: per-row step
+graphs. This backend runs the very same loop as `LeanLM.forward` (`models.model.run_trunk`,
+with an ONNX Runtime session as the block executor): per-row step
 counts, iteration `i` runs only the rows whose step count exceeds `i` with
 block `floor(i * n_blocks / N)` and step `h = T / N`, the paged cache gathered
 and scattered around each block call. One export therefore serves every step
@@ -21,7 +22,6 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,8 @@ from models.checkpoint import WEIGHTS_FILE, load_config
 from models.config import ModelConfig
 from models.export import MANIFEST_FILE, MANIFEST_FORMAT, ONNX_DIR, block_io_names, config_hash, file_sha256
 from models.kv_cache import KVBatch
-from models.layers import attention_mask
-from models.model import LeanLM, ModelOutput
+from models.layers import BlockOut
+from models.model import ModelOutput, prepare_inputs, run_trunk
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,6 @@ class OnnxBackend:
         self._head = sessions["head"]
         self._blocks = [sessions[f"block_{k}"] for k in range(config.n_blocks)]
         self.provider = self._embed.get_providers()[0]
-        # LeanLM's argument checks only read `self.config`; calling them on a
-        # stand-in keeps the two backends' errors identical without a torch model.
-        self._checker = SimpleNamespace(config=config)
         # Without an expert setting the model uses the trained maximum; the
         # graphs always take one (fixed input list), so that maximum is fed.
         self._full_setting = {"moe": config.experts_top_k, "tree": config.tree_depth}.get(config.ffn)
@@ -148,8 +145,25 @@ class OnnxBackend:
             logger.warning("onnx backend: %s requested but sessions run on %s", CUDA, backend.provider)
         return backend
 
-    def _check(self, tokens: Tensor, positions: Tensor, steps: Tensor, experts: Tensor | None) -> None:
-        LeanLM._check(self._checker, tokens, positions, steps, experts)  # type: ignore[arg-type]
+    def _run_block(
+        self,
+        k: int,
+        x: Tensor,
+        h: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        mask: Tensor,
+        setting: Tensor | None,
+    ) -> BlockOut:
+        """One Euler step of block k through its ONNX graph (shapes as `Block.forward`)."""
+        feed = {"x": _np(x), "h": _np(h), "past_k": _np(past_k), "past_v": _np(past_v), "mask": _np(mask)}
+        if setting is not None:
+            feed["setting"] = _np(setting)
+        out = self._blocks[k].run(None, feed)
+        counts = torch.from_numpy(out[3]) if len(out) > 3 else None
+        return BlockOut(
+            torch.from_numpy(out[0]), torch.from_numpy(out[1]), torch.from_numpy(out[2]), counts, None
+        )
 
     def forward(
         self,
@@ -175,77 +189,15 @@ class OnnxBackend:
             (inference only) and summed expert counts for MoE / tree.
         """
         c = self.config
-        B, T = tokens.shape
-        if positions is None:
-            positions = torch.arange(T).expand(B, T)
-        if steps is None:
-            steps = c.default_steps
-        if isinstance(steps, int):
-            steps = torch.full((B,), steps, dtype=torch.long)
-        self._check(tokens, positions, steps, experts)
-        if kv is not None:
-            LeanLM._check_cache(self._checker, kv, positions, steps)  # type: ignore[arg-type]
-
+        B = tokens.shape[0]
+        positions, steps = prepare_inputs(c, tokens, positions, steps, experts, kv)
         (x_np,) = self._embed.run(None, {"tokens": _np(tokens), "positions": _np(positions)})
         x = torch.from_numpy(x_np)  # (B, T, d)
-        h_all = (c.horizon / steps.to(x.dtype)).view(B, 1, 1)  # (B, 1, 1) Euler step per row
         setting = experts
         if setting is None and self._full_setting is not None:
+            # The block graphs take the setting as an input; the maximum is the default.
             setting = torch.full((B,), self._full_setting, dtype=torch.long)
-        past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long)
-        S = int(past_len.max()) if kv is not None else 0
-        P = -(-S // kv.pool.page_size) if kv is not None else 0  # pages covering the longest past
-        nh, hs = c.n_heads, c.head_dim
-        if kv is not None:
-            page_size = kv.pool.page_size
-            slot_page = positions // page_size  # (B, T)
-            slot_off = positions % page_size
-        mask_all = attention_mask(past_len, P * (kv.pool.page_size if kv is not None else 0), T)
-
-        counts_total: Tensor | None = None
-        n_iter = int(steps.max())
-        uniform_steps = bool((steps == n_iter).all())
-        for i in range(n_iter):
-            blk_idx = (i * c.n_blocks) // steps  # (B,) block of step i per row
-            for k in blk_idx.unique().tolist() if c.n_blocks > 1 else [0]:
-                if uniform_steps and c.n_blocks == 1:
-                    rows = None  # every row runs this step with the same block
-                else:
-                    sel = (steps > i) & (blk_idx == k)
-                    if not bool(sel.any()):
-                        continue
-                    rows = None if bool(sel.all()) else sel.nonzero().squeeze(1)  # (R,)
-                xr = x if rows is None else x[rows]
-                R = xr.shape[0]
-                if kv is not None:
-                    bt = kv.block_tables[:, i, :P] if rows is None else kv.block_tables[rows, i, :P]
-                    past_k, past_v = kv.pool.gather(bt)  # (R, nh, S', hs)
-                else:
-                    past_k = past_v = xr.new_zeros(R, nh, 0, hs)
-                feed = {
-                    "x": _np(xr),
-                    "h": _np(h_all if rows is None else h_all[rows]),
-                    "past_k": _np(past_k),
-                    "past_v": _np(past_v),
-                    "mask": _np(mask_all if rows is None else mask_all[rows]),
-                }
-                if setting is not None:
-                    feed["setting"] = _np(setting if rows is None else setting[rows])
-                out = self._blocks[k].run(None, feed)
-                if kv is not None:
-                    rows_idx = torch.arange(B) if rows is None else rows
-                    pages = kv.block_tables[rows_idx, i].gather(1, slot_page[rows_idx])  # (R, T)
-                    kv.pool.scatter(
-                        pages * page_size + slot_off[rows_idx],
-                        torch.from_numpy(out[1]),
-                        torch.from_numpy(out[2]),
-                    )
-                x_out = torch.from_numpy(out[0])  # (R, T, d)
-                x = x_out if rows is None else x.index_copy(0, rows, x_out)
-                if len(out) > 3:
-                    counts = torch.from_numpy(out[3])
-                    counts_total = counts if counts_total is None else counts_total + counts
-
+        x, _, counts_total = run_trunk(c, x, positions, steps, kv, setting, self._run_block)
         if last_only:
             x = x[:, -1:]
         (logits,) = self._head.run(None, {"x": _np(x)})
