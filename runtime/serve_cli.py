@@ -18,6 +18,7 @@ Serve and Ray are shut down.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -132,10 +133,15 @@ def main(args: Any) -> int:
     parsed = ServeArgs.from_dict(cfg)  # bad config fails here, before Ray starts
     model_dir = resolve_model_dir(parsed.model_dir)
     stop = threading.Event()
-    # SIGTERM (Kubernetes, systemd) gets the same clean shutdown as Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     print(f"leanserve serve: starting Ray and deploying {model_dir} ...", file=sys.stderr)
-    start_local(args.grpc_port, args.http_port, args.metrics_port, args.num_cpus, args.host)
+    temp_dir = tempfile.mkdtemp(prefix="leanserve-ray-")
+    start_local(
+        args.grpc_port, args.http_port, args.metrics_port, args.num_cpus, args.host, temp_dir=temp_dir
+    )
+    # SIGTERM (Kubernetes, systemd) gets the same clean shutdown as Ctrl-C. Installed after
+    # ray.init, whose core worker registers a SIGTERM handler that aborts the process (and
+    # leaves Ray's agents running) instead of shutting down.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         deploy(cfg, timeout_s=args.startup_timeout)
         print(
@@ -155,4 +161,5 @@ def main(args: Any) -> int:
         print("leanserve serve: shutting down ...", file=sys.stderr)
     finally:
         stop_local()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
