@@ -248,6 +248,15 @@ def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
+def _add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", default=None, help="model directory (default: models/zoo/ode-tiny)")
+    p.add_argument("--steps", type=int, default=4, help="ODE steps of every request (default 4)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per generation (default 32)")
+    p.add_argument("--runs", type=int, default=40, help="timed runs per path (default 40)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in engine and replica")
+    p.add_argument("--port", type=int, default=9100, help="gRPC port of the Serve (+1 HTTP, +2 metrics)")
+
+
 _BENCHES = {
     "model": (
         "decode latency per step count at batch 1 and 16 (bare model)",
@@ -258,6 +267,11 @@ _BENCHES = {
         "engine: step ratios, concurrency, HF transformers peer",
         _add_bench_engine_arguments,
         "runtime.bench_engine:main",
+    ),
+    "serve": (
+        "serving overhead: gRPC through Ray Serve vs the bare engine",
+        _add_bench_serve_arguments,
+        "runtime.bench_serve:main",
     ),
 }
 
