@@ -6,7 +6,7 @@ another:
 
 1. on the bare engine in this process (`Engine.submit`, no Ray, no gRPC);
 2. through Ray Serve's native gRPC proxy with unary `Generate`;
-3. through the proxy with `GenerateStream` (one message per token delta).
+3. through the proxy with `GenerateStream` (a message per `--stream-interval` tokens).
 
 The bare engine runs first and is stopped before Ray starts, so the two do not
 compete for the cores; the replica gets the same engine settings and torch
@@ -70,6 +70,7 @@ def _served(
     new: int,
     runs: int,
     port: int,
+    stream_interval: int,
 ) -> tuple[list[float], list[float]]:
     from runtime.client import Client, build_request
     from runtime.serve_app import deploy
@@ -78,7 +79,13 @@ def _served(
     temp_dir = tempfile.mkdtemp(prefix="leanserve-bench-")
     start_local(grpc_port=port, http_port=port + 1, metrics_port=port + 2, temp_dir=temp_dir)
     try:
-        deploy({"model_dir": model_dir, "threads": threads, "engine": engine_args}, timeout_s=300)
+        app = {
+            "model_dir": model_dir,
+            "threads": threads,
+            "engine": engine_args,
+            "stream_interval": stream_interval,
+        }
+        deploy(app, timeout_s=300)
         client = Client(f"127.0.0.1:{port}")
         # ignore_eos is not on the wire: the request is fixed and greedy, so the text is the same each run.
         request = build_request(client.pb2, prompt, max_tokens=new, temperature=0.0, steps=steps)
@@ -118,14 +125,22 @@ def main(args: Any) -> int:
     )
     bare = _bare(model_dir, engine_args, prompt, args.steps, args.new_tokens, args.runs)
     unary, stream = _served(
-        model_dir, engine_args, threads, prompt, args.steps, args.new_tokens, args.runs, args.port
+        model_dir,
+        engine_args,
+        threads,
+        prompt,
+        args.steps,
+        args.new_tokens,
+        args.runs,
+        args.port,
+        args.stream_interval,
     )
     base = statistics.median(bare)
     print(f"{'path':<28} {'p50 ms':>8} {'p99 ms':>8} {'p50 overhead':>13}")
     for name, values in (
         ("bare engine", bare),
         ("gRPC unary via Ray proxy", unary),
-        ("gRPC stream via Ray proxy", stream),
+        (f"gRPC stream, {args.stream_interval} tok/msg", stream),
     ):
         p50 = statistics.median(values)
         print(

@@ -253,6 +253,7 @@ def _add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=4, help="ODE steps of every request (default 4)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per generation (default 32)")
     p.add_argument("--runs", type=int, default=40, help="timed runs per path (default 40)")
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens per stream message (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in engine and replica")
     p.add_argument("--port", type=int, default=9100, help="gRPC port of the Serve (+1 HTTP, +2 metrics)")
 

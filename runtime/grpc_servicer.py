@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -204,6 +205,20 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         first_token_s=last.first_token_s,
         total_s=last.total_s,
     )
+
+
+async def coalesce(stream: AsyncIterator[RequestOutput], interval: int) -> AsyncIterator[RequestOutput]:
+    """Merge stream deltas: the first at once (time to first token), then one per
+    `interval` tokens, and always the final one (which carries the finish reason)."""
+    pending: list[RequestOutput] = []
+    sent_first = False
+    async for out in stream:
+        pending.append(out)
+        if out.finished or not sent_first or sum(len(o.token_ids) for o in pending) >= interval:
+            yield merge_outputs(pending)
+            pending, sent_first = [], True
+    if pending:  # a stream that ended without a finished delta
+        yield merge_outputs(pending)
 
 
 def model_info(pb2: Any, engine: Any) -> Any:

@@ -153,3 +153,42 @@ def test_builder_args_are_validated_before_ray():
         ServeArgs.from_dict({"max_wating": 3})
     with pytest.raises(ValueError, match="replicas"):
         ServeArgs.from_dict({"deployment": {"replicas": 2}})
+    with pytest.raises(ValueError, match="stream_interval"):
+        ServeArgs.from_dict({"stream_interval": 0})
+
+
+def _delta(i: int, n: int) -> RequestOutput:
+    last = i == n - 1
+    return RequestOutput(
+        request_id="r",
+        text=f"t{i} ",
+        token_ids=[i],
+        finished=last,
+        finish_reason="length" if last else None,
+        prompt_tokens=3,
+        completion_tokens=i + 1,
+        steps=4,
+        experts=None,
+        policy_reason="explicit",
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "interval", "sizes"), [(10, 1, [1] * 10), (10, 4, [1, 4, 4, 1]), (3, 8, [1, 2])]
+)
+def test_stream_coalescing_first_at_once_then_every_interval_tokens(n, interval, sizes):
+    import asyncio
+
+    async def source():
+        for i in range(n):
+            yield _delta(i, n)
+
+    async def collect():
+        return [out async for out in conv.coalesce(source(), interval)]
+
+    merged = asyncio.run(collect())
+    assert [len(m.token_ids) for m in merged] == sizes
+    assert "".join(m.text for m in merged) == "".join(f"t{i} " for i in range(n))
+    assert [t for m in merged for t in m.token_ids] == list(range(n))
+    assert merged[-1].finished and merged[-1].finish_reason == "length"
+    assert not any(m.finished for m in merged[:-1])
