@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -29,16 +28,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "deploy" / "serve" / "leanserve.yaml"
-TEXT = (
-    "In the beginning God created the heavens and the earth. The earth was formless and empty. "
-    'God said, "Let there be light," and there was light. God saw the light, and saw that it was good.\n'
-) * 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _manifest_checks() -> Any:
@@ -51,25 +40,7 @@ def _manifest_checks() -> Any:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from models.config import ModelConfig
-    from models.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("deploy-model")
-    (root / "text.txt").write_text(TEXT, encoding="utf-8")
-    config = ModelConfig(
-        name="deploy-tiny", vocab_size=320, context_length=64, d_model=32, n_heads=4, d_ff=64,
-        trunk="ode", min_steps=2, max_steps=4, block="sasp", ffn="moe", base_width=32, tree_depth=1,
-    )  # fmt: skip
-    tcfg = TrainConfig(
-        iterations=10, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_interval=10, checkpoint_interval=10
-    )
-    train(config, tcfg, root / "model", text=root / "text.txt", progress=False)
-    return root / "model"
-
-
-@pytest.fixture(scope="module")
-def served(tiny_model):
+def served(tiny_model_dir, free_port):
     from runtime.proto_build import load_stubs
     from runtime.serve_cli import set_local_env
 
@@ -82,11 +53,11 @@ def served(tiny_model):
     raw = yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8"))
     config = copy.deepcopy(raw)
     app = config["applications"][0]
-    app["args"]["model_dir"] = str(tiny_model)
+    app["args"]["model_dir"] = str(tiny_model_dir)
     app["args"]["threads"] = 1
     app["args"]["deployment"]["ray_actor_options"]["num_cpus"] = 1
     schema = ServeDeploySchema.model_validate(config)
-    ports = {"grpc": _free_port(), "http": _free_port(), "metrics": _free_port()}
+    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
     temp = Path("/tmp") / f"lsdep-{ports['grpc']}"  # short: Ray's socket paths have a length limit
     load_stubs()  # generated before the proxy actor imports the servicer functions
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,39 +27,15 @@ from loadtest.report import FILES
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = (
-    "In the beginning God created the heavens and the earth. The earth was formless and empty. "
-    "Darkness was on the surface of the deep and God's Spirit was hovering over the surface of the waters. "
-    'God said, "Let there be light," and there was light. God saw the light, and saw that it was good.\n'
-) * 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[str]:
+def served(tiny_model_dir, free_port) -> Iterator[str]:
     """`leanserve serve` on free 127.0.0.1 ports with a tiny trained model; yields the gRPC target."""
-    from models.config import ModelConfig
-    from models.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("loadtest-model")
-    (root / "text.txt").write_text(TEXT, encoding="utf-8")
-    config = ModelConfig(
-        name="serve-tiny", vocab_size=320, context_length=64, d_model=32, n_heads=4, d_ff=64,
-        trunk="ode", min_steps=2, max_steps=4, block="sasp", ffn="moe", base_width=32, tree_depth=1,
-    )  # fmt: skip
-    tcfg = TrainConfig(
-        iterations=20, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_interval=10, checkpoint_interval=20
-    )
-    train(config, tcfg, root / "model", text=root / "text.txt", progress=False)
-    grpc_port = _free_port()
+    grpc_port = free_port()
     cmd = [
-        sys.executable, "-m", "runtime.cli", "serve", str(root / "model"), "--grpc-port", str(grpc_port),
-        "--http-port", str(_free_port()), "--metrics-port", str(_free_port()), "--num-cpus", "2",
+        sys.executable, "-m", "runtime.cli", "serve", str(tiny_model_dir), "--grpc-port", str(grpc_port),
+        "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--num-cpus", "2",
         "--threads", "1", "--startup-timeout", "240",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another test's Ray

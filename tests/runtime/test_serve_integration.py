@@ -1,4 +1,4 @@
-"""Integration tier: a real Ray Serve (one per test session), real gRPC/openai clients, real Prometheus.
+"""Integration tier: a real Ray Serve (started once for this module), real gRPC/openai clients, real Prometheus.
 
 One in-process Ray with Serve's gRPC and HTTP proxies is started by the
 session fixture `server` on free 127.0.0.1 ports and always shut down. The
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -24,24 +23,11 @@ from typing import Any
 import grpc
 import pytest
 
-from models.config import ModelConfig
-from models.train import TrainConfig, train
 from runtime.client import Client, build_request
 
 pytestmark = pytest.mark.integration
 
-TEXT = (
-    "In the beginning God created the heavens and the earth. The earth was formless and empty. "
-    "Darkness was on the surface of the deep and God's Spirit was hovering over the surface of the waters. "
-    'God said, "Let there be light," and there was light. God saw the light, and saw that it was good.\n'
-) * 40
 MAX_BATCH, MAX_WAITING = 2, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout_s: float, interval_s: float = 0.5) -> Any:
@@ -60,28 +46,14 @@ def _http_json(url: str, timeout: float = 10.0) -> Any:
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("serve-model")
-    (root / "text.txt").write_text(TEXT, encoding="utf-8")
-    config = ModelConfig(
-        name="serve-tiny", vocab_size=320, context_length=64, d_model=32, n_heads=4, d_ff=64,
-        trunk="ode", min_steps=2, max_steps=4, block="sasp", ffn="moe", base_width=32, tree_depth=1,
-    )  # fmt: skip
-    tcfg = TrainConfig(
-        iterations=20, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_interval=10, checkpoint_interval=20
-    )
-    train(config, tcfg, root / "model", text=root / "text.txt", progress=False)
-    return root / "model"
-
-
-@pytest.fixture(scope="session")
-def server(model_dir, tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """Ray + Serve + the leanserve app, once per session; always shut down."""
+# Module scope: Ray is shut down before the next module (deploy, loadtest) starts its own.
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, free_port, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """Ray + Serve + the leanserve app, once for this module; always shut down."""
     from runtime.serve_app import deploy
     from runtime.serve_cli import start_local, stop_local
 
-    ports = {"grpc": _free_port(), "http": _free_port(), "metrics": _free_port()}
+    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
     temp = Path("/tmp") / f"lsray-{ports['grpc']}"  # short: Ray's socket paths have a length limit
     try:
         start_local(
@@ -90,7 +62,7 @@ def server(model_dir, tmp_path_factory) -> Iterator[dict[str, Any]]:
         )  # fmt: skip
         deploy(
             {
-                "model_dir": str(model_dir),
+                "model_dir": str(tiny_model_dir),
                 "threads": 1,
                 "engine": {"max_batch_size": MAX_BATCH, "max_waiting": MAX_WAITING},
                 # Let the whole burst reach the engine, whose bounded queue must reject the excess.
@@ -284,9 +256,9 @@ def test_openai_client_completions_and_streaming(server):
         oa.completions.create(**kw, extra_body={"steps": 99})
 
 
-def test_prometheus_server_scrapes_latency_and_steps_histograms(server, tmp_path):
+def test_prometheus_server_scrapes_latency_and_steps_histograms(server, tmp_path, free_port):
     client = server["client"]
-    prom_port = _free_port()
+    prom_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
