@@ -1,4 +1,4 @@
-"""Integration tier: a real Ray Serve (started once for this module), real gRPC/openai clients, real Prometheus.
+"""Integration tier: a real Ray Serve (once per module), real gRPC/openai clients, real Prometheus.
 
 One in-process Ray with Serve's gRPC and HTTP proxies is started by the
 session fixture `server` on free 127.0.0.1 ports and always shut down. The
