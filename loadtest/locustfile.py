@@ -13,6 +13,7 @@ Environment (read when the user starts, never at import):
     LEANSERVE_QUALITY    quality tier ("fast", "balanced", "best")
     LEANSERVE_MAX_TOKENS tokens per request (default 32)
     LEANSERVE_PROMPTS    "synthetic" (default) or "bible"
+    LEANSERVE_PROMPT_LENGTHS  words per prompt, as `leanserve loadtest --prompt-lengths` (default fixed:16)
 
 Two request events are fired per call: "GenerateStream" (response_time = E2E
 in ms, response_length = completion tokens) and "GenerateStream TTFT".
@@ -53,7 +54,8 @@ class LeanServeUser(User):
             compute["quality"] = os.environ["LEANSERVE_QUALITY"]
         self.compute = compute
         self.max_tokens = int(os.environ.get("LEANSERVE_MAX_TOKENS", "32"))
-        self.prompts = build_prompts(64, LengthSpec(), os.environ.get("LEANSERVE_PROMPTS", "synthetic"))
+        lengths = LengthSpec.parse(os.environ.get("LEANSERVE_PROMPT_LENGTHS", "fixed:16"))
+        self.prompts = build_prompts(64, lengths, os.environ.get("LEANSERVE_PROMPTS", "synthetic"))
         self.rng = random.Random()
 
     def on_stop(self) -> None:

@@ -2,10 +2,10 @@
 
 The server is started as the user would start it, `leanserve serve MODEL_DIR` in
 its own process (its own local Ray), serving a tiny model trained here exactly
-like the serving tests' fixture (tests/runtime/test_serve_integration.py). A
-separate process keeps this test independent of that module's in-process Ray,
-which lives in a module-level session fixture that cannot be shared from here.
-The sweep runs through `python -m loadtest` (the same code as `leanserve loadtest`).
+(the `tiny_model_dir` fixture of tests/conftest.py). A separate process keeps
+this test independent of the serving tests' in-process Ray. The sweep runs
+through `python -m loadtest` (the same code as `leanserve loadtest`), and the
+Locust alternative through the `locust` command with loadtest/locustfile.py.
 """
 
 from __future__ import annotations
@@ -85,3 +85,28 @@ def test_short_sweep_against_leanserve_serve_writes_all_reports(served: str, tmp
         assert p["ok"] == p["sent"] == 4, p["errors"]
         assert p["mean_steps"] == steps and p["policy_reasons"] == {"explicit": 4}
         assert p["ttft_p50_ms"] > 0 and p["e2e_p99_ms"] >= p["ttft_p99_ms"]
+
+
+def test_locustfile_drives_the_same_grpc_calls(served: str, tmp_path: Path) -> None:
+    """Locust (headless, 2 users, a few seconds) completes GenerateStream calls without failures."""
+    locust = Path(sys.executable).with_name("locust")
+    env = {
+        **os.environ,
+        "LEANSERVE_STEPS": "2",
+        "LEANSERVE_MAX_TOKENS": "8",
+        "LEANSERVE_PROMPT_LENGTHS": "fixed:4",  # the tiny model's context is 64 tokens
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        str(locust), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "-u", "2", "-r", "2",
+        "-t", "4s", "--host", served, "--csv", str(tmp_path / "locust"), "--only-summary",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (tmp_path / "locust_stats.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    stats = {r.split(",")[header.index("Name")]: r.split(",") for r in rows[1:]}
+    e2e = stats["GenerateStream"]
+    assert int(e2e[header.index("Request Count")]) > 0
+    assert int(e2e[header.index("Failure Count")]) == 0
+    assert float(stats["GenerateStream TTFT"][header.index("Median Response Time")]) > 0
