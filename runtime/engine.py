@@ -568,7 +568,7 @@ class Engine:
                 itl = now - (state.last_token_time or now)
                 state.itls.append(itl)
                 if self.policy.slo is not None:
-                    self.policy.slo.observe(itl)
+                    self.policy.slo.observe(itl, len(self.scheduler.waiting))
             state.last_token_time = now
             if seq.finish_reason == "stop" and token in seq.stop_token_ids:
                 text = state.stream.finish()  # the stop token itself has no text

@@ -115,10 +115,16 @@ class SLOController:
     """Adapts the default step count to an inter-token-latency target.
 
     Inter-token latencies (ITLs) are collected in tumbling windows of
-    `window` samples. At the end of each window, with `m = max(p50, mean)`:
+    `window` samples, each tagged with whether requests were waiting for
+    admission when it was taken. At the end of each window, with
+    `m = max(p50, mean)` and `queued` = requests waited during most of it:
 
-    * lower by one step (not below `min_steps`) when `m > target * (1 + h)`;
-    * raise by one step (not above `max_steps`) when
+    * lower by one step (not below `min_steps`) when `m > target * (1 + h)`
+      or `queued`: a queue that does not drain means the server is over
+      capacity even if the admitted requests' ITL still looks fine (measured:
+      at 1.5x capacity ITL stayed ~16 ms while time to first token grew to
+      seconds), and fewer steps is exactly what raises capacity;
+    * raise by one step (not above `max_steps`) when nobody is queued and
       `m < target * (1 - h) * N / (N + 1)`: decode time is roughly
       proportional to N, so this says the *next* count is predicted to still
       sit below the target's lower band, which is what prevents raising into
@@ -163,22 +169,26 @@ class SLOController:
         self.hysteresis = hysteresis
         self.steps = max_steps if initial_steps is None else min(max(initial_steps, min_steps), max_steps)
         self._samples: deque[float] = deque()
+        self._queued = 0  # samples of this window taken while requests waited
         self.changes = 0
 
-    def observe(self, itl_s: float) -> int:
-        """Record one inter-token latency; return the (possibly new) step count."""
+    def observe(self, itl_s: float, waiting: int = 0) -> int:
+        """Record one inter-token latency (and how many requests wait); return the step count."""
         self._samples.append(itl_s)
+        self._queued += waiting > 0
         if len(self._samples) >= self.window:
             self._decide()
         return self.steps
 
     def _decide(self) -> None:
         m = max(statistics.median(self._samples), statistics.fmean(self._samples))
+        queued = self._queued * 2 > len(self._samples)
         self._samples.clear()
+        self._queued = 0
         n, h = self.steps, self.hysteresis
-        if m > self.target * (1 + h) and n > self.min_steps:
+        if (m > self.target * (1 + h) or queued) and n > self.min_steps:
             self.steps, self.changes = n - 1, self.changes + 1
-        elif m < self.target * (1 - h) * n / (n + 1) and n < self.max_steps:
+        elif not queued and m < self.target * (1 - h) * n / (n + 1) and n < self.max_steps:
             self.steps, self.changes = n + 1, self.changes + 1
 
 

@@ -10,7 +10,7 @@ import pytest
 from runtime import grpc_servicer as conv
 from runtime import openai_http
 from runtime.proto_build import load_stubs
-from runtime.serve_app import ServeArgs
+from runtime.serve_app import ServeArgs, deployment_options
 from runtime.types import (
     DeadlineExceededError,
     EngineUnavailableError,
@@ -192,3 +192,17 @@ def test_stream_coalescing_first_at_once_then_every_interval_tokens(n, interval,
     assert [t for m in merged for t in m.token_ids] == list(range(n))
     assert merged[-1].finished and merged[-1].finish_reason == "length"
     assert not any(m.finished for m in merged[:-1])
+
+
+def test_replica_admits_what_the_engine_can_hold_unless_configured():
+    """Ray's default of 5 ongoing requests would cap continuous batching at 5 rows."""
+    opts = deployment_options(ServeArgs.from_dict({"max_batch_size": 16, "max_waiting": 8}))
+    assert opts["max_ongoing_requests"] == 24
+    opts = deployment_options(
+        ServeArgs.from_dict({"deployment": {"max_ongoing_requests": 7, "num_replicas": 2}})
+    )
+    assert opts == {"max_ongoing_requests": 7, "num_replicas": 2}
+    auto = deployment_options(
+        ServeArgs.from_dict({"deployment": {"num_replicas": 2, "autoscaling_config": {}}})
+    )
+    assert "num_replicas" not in auto

@@ -111,6 +111,21 @@ def test_slo_controller_does_not_oscillate_near_the_target():
     assert set(history) == {7} and ctrl.changes == 0
 
 
+def test_slo_controller_lowers_while_requests_queue_even_if_itl_is_fine():
+    """Overload shows up as a growing queue before it shows in ITL: lower, never raise, while queued."""
+    ctrl = SLOController(0.020, min_steps=2, max_steps=8, window=8, hysteresis=0.1)
+    history = []
+    for _ in range(4):  # ITL at half the target, but requests wait during the whole window
+        for _ in range(ctrl.window):
+            ctrl.observe(0.010, waiting=3)
+        history.append(ctrl.steps)
+    assert history == [7, 6, 5, 4]
+    # Waiting in only a minority of the window is not saturation: ITL headroom raises again.
+    for i in range(ctrl.window):
+        ctrl.observe(0.002, waiting=1 if i < 2 else 0)
+    assert ctrl.steps == 5
+
+
 def test_slo_controller_rejects_bad_settings():
     with pytest.raises(ValueError, match="target_itl_s"):
         SLOController(0, 1, 2)
