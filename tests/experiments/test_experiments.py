@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-# `experiments/` is a top-level folder of the repository, not part of the installed
-# package (pyproject lists models, runtime, loadtest), and pytest's importlib mode does
-# not put the root on sys.path; add it so the tests run however pytest is started.
-_ROOT = Path(__file__).resolve().parents[2]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+# `experiments/` is a top-level folder of the repository, not an installed package;
+# pytest's `pythonpath = ["."]` (pyproject.toml) makes it importable.
 
 
 def _module(name: str) -> ModuleType:
@@ -78,7 +73,7 @@ def test_simplified_blocks_quick(tmp_path: Path) -> None:
     parse_table = _module("common").parse_table
     headers, rows = parse_table(text, "## Results")
     assert [r[0] for r in rows] == ["prenorm", "sas", "sasp"]
-    assert headers[0] == "block" and len(headers) == 12
+    assert headers[0] == "block" and len(headers) == 14
     for row in rows:
         for h, cell in zip(headers[1:], row[1:]):
             if h.startswith("matmul"):
