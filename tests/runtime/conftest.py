@@ -12,15 +12,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from models.config import ModelConfig
-from models.model import LeanLM
 from models.tokenizer import train_tokenizer
 from runtime.backends.torch_backend import TorchBackend
 from runtime.engine import Engine, EngineConfig
 from runtime.policy import ModelProfile
+from tests.helpers import perturbed_model
 
 CORPUS = (
     "In the beginning the engine was idle, and the queue was empty. "
@@ -56,15 +55,6 @@ def tiny_model_config(vocab_size: int, ffn: str = "moe", **overrides: Any) -> Mo
     return ModelConfig(**base)
 
 
-def tiny_model(config: ModelConfig, seed: int = 0) -> LeanLM:
-    torch.manual_seed(seed)
-    model = LeanLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
 @pytest.fixture
 def make_engine(tokenizer: Tokenizer) -> Callable[..., Engine]:
     """`make_engine(ffn="moe", profile=None, **engine_config)` -> a not-yet-started Engine."""
@@ -73,7 +63,7 @@ def make_engine(tokenizer: Tokenizer) -> Callable[..., Engine]:
         config = tiny_model_config(tokenizer.get_vocab_size(), ffn)
         settings = dict(kv_cache_bytes=2**20, page_size=8, max_batch_size=16, max_waiting=32)
         settings.update(kwargs)
-        return Engine(TorchBackend(tiny_model(config)), tokenizer, EngineConfig(**settings), profile)
+        return Engine(TorchBackend(perturbed_model(config)), tokenizer, EngineConfig(**settings), profile)
 
     return make
 

@@ -23,6 +23,7 @@ from models.export import export_onnx
 from models.kv_cache import KVCacheError, PagedKVCache
 from models.model import LeanLM
 from runtime.backends.onnx_backend import CPU, CUDA, OnnxBackend
+from tests.helpers import perturbed_model, tiny_config
 
 # float32 on both sides, but different kernels (ORT MatMul/Softmax vs torch
 # SDPA) and, for MoE / tree, a different summation order (the ONNX FFN
@@ -34,32 +35,6 @@ CONFIGS = {
     "ode-sasp-moe": dict(trunk="ode", block="sasp", ffn="moe", min_steps=2, max_steps=6),
     "ode-sas-tree": dict(trunk="ode", block="sas", ffn="tree", n_shared_blocks=2, min_steps=2, max_steps=6),
 }
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=97,
-        context_length=40,
-        d_model=32,
-        n_heads=4,
-        d_ff=64,
-        n_layers=3,
-        base_width=16,
-        n_experts=4,
-        experts_top_k=2,
-        tree_depth=2,
-    )
-    return ModelConfig(**{**base, **overrides})
-
-
-def perturbed_model(config: ModelConfig, seed: int = 0) -> LeanLM:
-    """Noise on every weight so zero inits (SAS W_Q, dW_V) cannot make parity vacuous."""
-    torch.manual_seed(seed)
-    model = LeanLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
