@@ -91,6 +91,10 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = list(range(num_pages - 1, -1, -1))  # stack: pop() gives low ids first
         self._seqs: dict[object, _Sequence] = {}
+        # Decode iterations usually repeat the previous batch: reuse its tables
+        # until a reservation changes (`_version` counts reserve/release calls).
+        self._version = 0
+        self._last_batch: tuple[tuple[object, ...], int, KVBatch] | None = None
 
     # --- sizing ------------------------------------------------------------
     @staticmethod
@@ -150,6 +154,7 @@ class PagedKVCache:
         per_step = need // steps
         pages = [[self._free.pop() for _ in range(per_step)] for _ in range(steps)]
         self._seqs[seq_id] = _Sequence(steps, tokens, pages)
+        self._version += 1
 
     def release(self, seq_id: object) -> None:
         """Return a sequence's pages to the pool (a no-op if it holds none)."""
@@ -157,6 +162,8 @@ class PagedKVCache:
         if seq is not None:
             for step_pages in seq.pages:
                 self._free.extend(reversed(step_pages))
+            self._version += 1
+            self._last_batch = None
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self._seqs
@@ -165,9 +172,17 @@ class PagedKVCache:
         return self._seqs[seq_id].capacity
 
     def batch(self, seq_ids: list[object]) -> KVBatch:
-        """Block tables for the given sequences, in order."""
+        """Block tables for the given sequences, in order.
+
+        The returned tensors are shared with later calls for the same
+        sequences; callers must not modify them.
+        """
         if not seq_ids:
             raise KVCacheError("batch of zero sequences")
+        key = tuple(seq_ids)
+        last = self._last_batch
+        if last is not None and last[0] == key and last[1] == self._version:
+            return last[2]
         try:
             seqs = [self._seqs[s] for s in seq_ids]
         except KeyError as e:
@@ -178,7 +193,9 @@ class PagedKVCache:
         for b, s in enumerate(seqs):
             table[b, : s.steps, : len(s.pages[0])] = torch.tensor(s.pages, dtype=torch.long)
         steps = torch.tensor([s.steps for s in seqs], dtype=torch.long)
-        return KVBatch(self, table.to(self.k.device), steps.to(self.k.device))
+        batch = KVBatch(self, table.to(self.k.device), steps.to(self.k.device))
+        self._last_batch = (key, self._version, batch)
+        return batch
 
     # --- tensor access (used by the model) ---------------------------------
     def gather(self, pages: Tensor) -> tuple[Tensor, Tensor]:

@@ -24,13 +24,16 @@ Token layout: dense padded rows. Shape legend:
     S  | cached (past) tokens       d  | model width
     nh | heads                      hs | head size (d / nh)
 
-Blocks take the past keys and values as dense tensors and return the new ones;
-the paged cache (models/kv_cache.py) gathers and scatters around them, which
-keeps each block exportable as one ONNX graph that serves every step count.
+Blocks take the past keys and values as dense tensors and return the new ones
+(the form exported to ONNX: one graph serves every step count), or, in eager
+torch, a `KVWrite` callback that stores the new keys and values in the paged
+cache and returns the whole visible window in one gather, which saves a copy
+of the past per block (models/model.py `run_trunk`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -49,6 +52,26 @@ def build_norm(config: ModelConfig, kind: str | None = None) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(config.d_model, eps=config.norm_eps)
     return nn.Identity()
+
+
+KVWrite = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""Cache hook of one block application: takes the new keys and values, each
+(R, nh, T, hs), writes them to the cache and returns the keys and values the
+queries attend over, each (R, nh, S', hs), laid out as the mask's last axis."""
+
+
+def window_mask(positions: Tensor, S: int) -> Tensor:
+    """Boolean mask over a cache window that already holds the new tokens.
+
+    Args:
+        positions: (R, T) absolute position of each new token.
+        S: window length; window index j holds the row's token at position j.
+
+    Returns:
+        (R, 1, T, S) bool, True where key j <= the query's position.
+    """
+    keys = torch.arange(S, device=positions.device)  # (S,)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
 
 
 def attention_mask(past_len: Tensor, S: int, T: int) -> Tensor:
@@ -94,14 +117,17 @@ class Attention(nn.Module):
         return t.view(R, T, self.nh, self.hs).transpose(1, 2)  # (R, nh, T, hs)
 
     def forward(
-        self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor
+        self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor, kv_write: KVWrite | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Attend over [past, new] keys.
 
         Args:
             x: (R, T, d) normalised input.
-            past_k, past_v: (R, nh, S, hs) cached keys and values (S may be 0).
-            mask: (R, 1, T, S+T) bool from `attention_mask`.
+            past_k, past_v: (R, nh, S, hs) cached keys and values (S may be 0);
+                ignored when `kv_write` is given.
+            mask: (R, 1, T, S+T) bool from `attention_mask`, or with `kv_write`
+                (R, 1, T, S') from `window_mask`.
+            kv_write: cache hook that stores the new k, v and returns the window.
 
         Returns:
             out (R, T, d), and the new k, v, each (R, nh, T, hs), to cache.
@@ -113,8 +139,11 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).split(d, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, nh, T, hs)
-        k_all = torch.cat([past_k, k], dim=2)  # (R, nh, S+T, hs)
-        v_all = torch.cat([past_v, v], dim=2)
+        if kv_write is not None:
+            k_all, v_all = kv_write(k, v)  # (R, nh, S', hs)
+        else:
+            k_all = torch.cat([past_k, k], dim=2)  # (R, nh, S+T, hs)
+            v_all = torch.cat([past_v, v], dim=2)
         a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale)
         if self.shaped:
             # C V: the mean of the visible values, i.e. attention with uniform
@@ -174,6 +203,7 @@ class Block(nn.Module):
         past_v: Tensor,
         mask: Tensor,
         setting: Tensor | None = None,
+        kv_write: KVWrite | None = None,
     ) -> BlockOut:
         """One Euler step.
 
@@ -182,15 +212,17 @@ class Block(nn.Module):
             h: (R, 1, 1) step size per row.
             past_k, past_v: (R, nh, S, hs); mask: (R, 1, T, S+T).
             setting: (R,) experts top-k or tree depth per row, or None.
+            kv_write: cache hook (see `Attention.forward`), which replaces the
+                past tensors and takes a `window_mask`.
         """
         if self.parallel:
             n = self.norm1(x)
-            a, k, v = self.attn(n, past_k, past_v, mask)
+            a, k, v = self.attn(n, past_k, past_v, mask, kv_write)
             m, counts, aux = self._ffn(n, setting)
             if self.beta_sa is not None:
                 a, m = self.beta_sa * a, self.beta_ff * m
             return BlockOut(x + h * (a + m), k, v, counts, aux)
-        a, k, v = self.attn(self.norm1(x), past_k, past_v, mask)
+        a, k, v = self.attn(self.norm1(x), past_k, past_v, mask, kv_write)
         if self.beta_sa is not None:
             a = self.beta_sa * a
         x = x + h * a

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from models.kv_cache import KVBatch, KVCacheError
-from models.layers import Block, BlockOut, attention_mask, build_norm
+from models.layers import Block, BlockOut, KVWrite, attention_mask, build_norm, window_mask
 from models.parameterisation import init_weights
 
 
@@ -102,7 +102,7 @@ class LeanLM(nn.Module):
         positions, steps = prepare_inputs(c, tokens, positions, steps, experts, kv)
         x = self.wte(tokens) + self.wpe(positions)  # (B, T, d)
         x, aux_total, counts_total = run_trunk(
-            c, x, positions, steps, kv, experts, lambda k, *args: self.blocks[k](*args)
+            c, x, positions, steps, kv, experts, lambda k, *args: self.blocks[k](*args), writes_kv=True
         )
         if last_only:
             x = x[:, -1:]
@@ -240,7 +240,8 @@ def prepare_inputs(
     return positions, steps
 
 
-BlockFn = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None"], BlockOut]
+BlockFn = Callable[..., BlockOut]
+"""`block_fn(k, x, h, past_k, past_v, mask, setting[, kv_write]) -> BlockOut`."""
 
 
 def run_trunk(
@@ -251,6 +252,7 @@ def run_trunk(
     kv: KVBatch | None,
     experts: Tensor | None,
     block_fn: BlockFn,
+    writes_kv: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Integrate the trunk: N_b Euler steps per row, paged KV in and out.
 
@@ -260,9 +262,19 @@ def run_trunk(
     mask, setting) -> BlockOut`: a torch module here, an ONNX Runtime session
     in runtime/backends/onnx_backend.py, so both run the same loop.
 
+    Two ways through the cache:
+      * dense past (ONNX graphs): gather the cached prefix, the block
+        concatenates its new keys and values and returns them, the loop
+        scatters them into the pages;
+      * `writes_kv=True` (eager torch): `block_fn` also takes a `KVWrite`
+        hook that scatters the new keys and values first and gathers the
+        window holding past and new tokens once, so the past is copied once
+        per block instead of twice (gather + concatenate).
+
     Args:
         x: (B, T, d) embedded tokens; positions: (B, T); steps: (B,).
         kv: paged cache view or None; experts: (B,) setting per row or None.
+        writes_kv: `block_fn` accepts the `kv_write` hook (see above).
 
     Returns:
         x (B, T, d) after the trunk, the summed aux loss and expert counts.
@@ -271,13 +283,20 @@ def run_trunk(
     B, T = positions.shape
     device = x.device
     h_all = (c.horizon / steps.to(x.dtype)).view(B, 1, 1)  # (B, 1, 1) Euler step per row
-    past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long, device=device)
+    fused = kv is not None and writes_kv
     page_size = kv.pool.page_size if kv is not None else 0
-    P = -(-int(past_len.max()) // page_size) if kv is not None else 0  # pages covering the longest past
     if kv is not None:
         slot_page = positions // page_size  # (B, T)
         slot_off = positions % page_size
-    mask_all = attention_mask(past_len, P * page_size, T)  # (B, 1, T, S+T)
+    if fused:
+        # The window: pages covering the furthest new token of any row.
+        P = -(-(int(positions[:, -1].max()) + 1) // page_size)
+        mask_all = window_mask(positions, P * page_size)  # (B, 1, T, S')
+        no_past = x.new_zeros(0)
+    else:
+        past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long, device=device)
+        P = -(-int(past_len.max()) // page_size) if kv is not None else 0  # pages covering the longest past
+        mask_all = attention_mask(past_len, P * page_size, T)  # (B, 1, T, S+T)
 
     aux_total: Tensor | None = None
     counts_total: Tensor | None = None
@@ -301,19 +320,37 @@ def run_trunk(
             hr = h_all if rows is None else h_all[rows]
             mr = mask_all if rows is None else mask_all[rows]
             sr = experts if (experts is None or rows is None) else experts[rows]
-            if kv is not None:
-                bt = kv.block_tables[:, i, :P] if rows is None else kv.block_tables[rows, i, :P]
-                past_k, past_v = kv.pool.gather(bt)  # (R, nh, S', hs)
+            if fused:
+                assert kv is not None
+                table = kv.block_tables[:, i] if rows is None else kv.block_tables[rows, i]  # (R, P_max)
+                sp = slot_page if rows is None else slot_page[rows]
+                so = slot_off if rows is None else slot_off[rows]
+                hook = _kv_hook(kv, table[:, :P].contiguous(), table.gather(1, sp) * page_size + so)
+                out = block_fn(k, xr, hr, no_past, no_past, mr, sr, hook)
             else:
-                past_k = past_v = xr.new_zeros(xr.shape[0], c.n_heads, 0, c.head_dim)
-            out = block_fn(k, xr, hr, past_k, past_v, mr, sr)
-            if kv is not None:
-                rows_idx = torch.arange(B, device=device) if rows is None else rows
-                pages = kv.block_tables[rows_idx, i].gather(1, slot_page[rows_idx])  # (R, T)
-                kv.pool.scatter(pages * page_size + slot_off[rows_idx], out.k, out.v)
+                if kv is not None:
+                    bt = kv.block_tables[:, i, :P] if rows is None else kv.block_tables[rows, i, :P]
+                    past_k, past_v = kv.pool.gather(bt)  # (R, nh, S', hs)
+                else:
+                    past_k = past_v = xr.new_zeros(xr.shape[0], c.n_heads, 0, c.head_dim)
+                out = block_fn(k, xr, hr, past_k, past_v, mr, sr)
+                if kv is not None:
+                    rows_idx = torch.arange(B, device=device) if rows is None else rows
+                    pages = kv.block_tables[rows_idx, i].gather(1, slot_page[rows_idx])  # (R, T)
+                    kv.pool.scatter(pages * page_size + slot_off[rows_idx], out.k, out.v)
             x = out.x if rows is None else x.index_copy(0, rows, out.x)
             if out.aux_loss is not None:
                 aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
             if out.counts is not None:
                 counts_total = out.counts if counts_total is None else counts_total + out.counts
     return x, aux_total, counts_total
+
+
+def _kv_hook(kv: KVBatch, window_pages: Tensor, slots: Tensor) -> KVWrite:
+    """A `KVWrite` that stores new keys/values at `slots` (R, T) and gathers `window_pages` (R, P)."""
+
+    def write(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        kv.pool.scatter(slots, k, v)
+        return kv.pool.gather(window_pages)
+
+    return write

@@ -10,7 +10,14 @@ Measured (all on the same machine, in one process, one after another):
    max_steps, n_embd, n_head, n_inner = d_ff, vocab, n_positions =
    context_length; random weights) driven by `generate()`: per-token latency
    at batch 1 (target: leanserve no worse, ratio <= 1) and throughput of 16
-   requests as one padded batch (target: leanserve >= 1.5x).
+   requests as one batch (target: leanserve >= 1.5x), for two workloads:
+   *uniform* (every prompt `--prompt-tokens` long, every request
+   `--new-tokens` tokens: static batching's best case) and *mixed* (seeded
+   prompt lengths 8-64 and max_tokens 16-128, as concurrent users send them).
+   `generate()` serves a mixed batch the way a transformers user would: left
+   padding to the longest prompt, and the batch runs until its longest
+   request is done; only the tokens each request asked for are counted, for
+   both engines.
 
 Without a model directory, a preset-style JSON config (or a built-in
 ode-tiny-like config) gets random weights; the token ids are random and text
@@ -61,7 +68,21 @@ class _StubTokenizer:
         raise ValueError("the engine benchmark submits token ids; a text prompt needs --model-dir")
 
 
-def _build_engine(args: argparse.Namespace, batch: int, backend: str = "torch") -> Any:
+MIXED_PROMPT = (8, 64)  # prompt tokens, inclusive range
+MIXED_NEW = (16, 128)  # max_tokens, inclusive range
+
+
+def mixed_workload(batch: int, vocab: int, seed: int = 2) -> list[tuple[list[int], int]]:
+    """`batch` (prompt ids, max_tokens) pairs with seeded, varied lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(MIXED_PROMPT[0], MIXED_PROMPT[1] + 1, (batch,), generator=gen).tolist()
+    news = torch.randint(MIXED_NEW[0], MIXED_NEW[1] + 1, (batch,), generator=gen).tolist()
+    return [(torch.randint(1, vocab, (n,), generator=gen).tolist(), m) for n, m in zip(lens, news)]
+
+
+def _build_engine(
+    args: argparse.Namespace, batch: int, backend: str = "torch", row_tokens: int | None = None
+) -> Any:
     from models.kv_cache import PagedKVCache
     from runtime.engine import Engine, EngineConfig
 
@@ -78,7 +99,7 @@ def _build_engine(args: argparse.Namespace, batch: int, backend: str = "torch") 
     # Size the pool for exactly this run (+1 page per row): a 1 GiB pool would
     # spend the benchmark's time zeroing and page-faulting memory it never uses.
     page = 16
-    tokens = args.prompt_tokens + args.new_tokens + page
+    tokens = (row_tokens or args.prompt_tokens + args.new_tokens) + page
     kv_bytes = PagedKVCache.bytes_per_token_step(config) * int(config.max_steps) * tokens * max(batch, 1)
     ec = EngineConfig(
         kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
@@ -102,7 +123,7 @@ class RunResult:
 
 
 async def _engine_run(
-    engine: Any, prompts: list[list[int]], steps: int, new_tokens: int, concurrent: bool
+    engine: Any, prompts: list[list[int]], steps: int, new_tokens: int | list[int], concurrent: bool
 ) -> RunResult:
     from runtime.types import ComputeParams, GenerationRequest, RequestStats, SamplingParams
 
@@ -118,7 +139,11 @@ async def _engine_run(
         return GenerationRequest(
             f"r{i}-{time.perf_counter_ns()}",
             prompt_token_ids=prompts[i],
-            sampling=SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+            sampling=SamplingParams(
+                max_tokens=new_tokens if isinstance(new_tokens, int) else new_tokens[i],
+                temperature=0.0,
+                ignore_eos=True,
+            ),
             compute=ComputeParams(steps=steps),
         )
 
@@ -159,8 +184,25 @@ def _measure(
     return asyncio.run(go())
 
 
-def _hf_measure(config: ModelConfig, args: argparse.Namespace, batch: int) -> tuple[float, float]:
-    """(per-token decode latency at batch 1, tokens/s for `batch` requests) of HF GPT-2."""
+def _measure_mixed(args: argparse.Namespace, workload: list[tuple[list[int], int]], steps: int) -> RunResult:
+    """The mixed workload submitted concurrently to a fresh engine."""
+    row = MIXED_PROMPT[1] + MIXED_NEW[1]
+    engine = _build_engine(args, len(workload), row_tokens=row)
+
+    async def go() -> RunResult:
+        await engine.start()
+        try:
+            await _engine_run(engine, [workload[0][0]], steps, 4, True)  # warm-up
+            prompts = [p for p, _ in workload]
+            return await _engine_run(engine, prompts, steps, [m for _, m in workload], True)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())
+
+
+def _hf_model(config: ModelConfig) -> Any:
+    """HF GPT-2 of the model's shape (random weights, eval mode)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     hf_cfg = GPT2Config(
@@ -175,24 +217,46 @@ def _hf_measure(config: ModelConfig, args: argparse.Namespace, batch: int) -> tu
         bos_token_id=0,
     )
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(hf_cfg).eval()
+    return GPT2LMHeadModel(hf_cfg).eval()
+
+
+def _hf_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, new: int) -> float:
+    """Seconds for one greedy `generate()` of exactly `new` tokens per row."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return time.perf_counter() - t0
+
+
+def _hf_mixed(model: Any, workload: list[tuple[list[int], int]]) -> float:
+    """Useful tokens/s of HF `generate()` on the mixed workload as one left-padded batch."""
+    longest = max(len(p) for p, _ in workload)
+    ids = torch.zeros(len(workload), longest, dtype=torch.long)  # pad id 0
+    mask = torch.zeros_like(ids)
+    for b, (p, _) in enumerate(workload):
+        ids[b, longest - len(p) :] = torch.tensor(p)
+        mask[b, longest - len(p) :] = 1
+    new = max(m for _, m in workload)
+    useful = sum(m for _, m in workload)
+    _hf_generate(model, ids, mask, new)  # warm-up
+    return useful / min(_hf_generate(model, ids, mask, new) for _ in range(2))
+
+
+def _hf_measure(model: Any, config: ModelConfig, args: argparse.Namespace, batch: int) -> tuple[float, float]:
+    """(per-token decode latency at batch 1, tokens/s for `batch` requests) of HF GPT-2."""
     gen = torch.Generator().manual_seed(1)
     P, M = args.prompt_tokens, args.new_tokens
 
     def generate(b: int, new: int) -> float:
         ids = torch.randint(1, config.vocab_size, (b, P), generator=gen)
-        mask = torch.ones_like(ids)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        return time.perf_counter() - t0
+        return _hf_generate(model, ids, torch.ones_like(ids), new)
 
     generate(1, 4)  # warm-up
     # Per-token decode latency: the difference of two runs removes the prefill
@@ -261,7 +325,8 @@ def main(args: argparse.Namespace) -> int:
     )
 
     if not args.no_hf:
-        hf_itl, hf_tps = _hf_measure(config, args, B)
+        hf = _hf_model(config)
+        hf_itl, hf_tps = _hf_measure(hf, config, args, B)
         single = at_max[1]
         lat_ratio = single.itl_s / hf_itl
         tps_ratio = conc.tokens_per_s / hf_tps
@@ -277,11 +342,27 @@ def main(args: argparse.Namespace) -> int:
         )
         rows.append(
             (
-                f"tokens/s {B} requests: leanserve vs HF GPT-2 batched",
+                f"tokens/s {B} requests, uniform: leanserve vs HF batched",
                 f"{conc.tokens_per_s:.0f}",
                 f"{hf_tps:.0f}",
                 f"{tps_ratio:.2f}x (>= 1.5x)",
                 _verdict(tps_ratio >= 1.5),
+            )
+        )
+        workload = mixed_workload(B, config.vocab_size)
+        mixed = _measure_mixed(args, workload, hi)
+        hf_mixed = _hf_mixed(hf, workload)
+        mixed_ratio = mixed.tokens_per_s / hf_mixed
+        results.update(
+            tokens_per_s_mixed=mixed.tokens_per_s, hf_tokens_per_s_mixed=hf_mixed, mixed_ratio=mixed_ratio
+        )
+        rows.append(
+            (
+                f"tokens/s {B} requests, mixed: leanserve vs HF batched",
+                f"{mixed.tokens_per_s:.0f}",
+                f"{hf_mixed:.0f}",
+                f"{mixed_ratio:.2f}x (>= 1.5x)",
+                _verdict(mixed_ratio >= 1.5),
             )
         )
 

@@ -62,3 +62,19 @@ def test_scatter_then_gather_round_trip(tiny):
     gk, gv = cache.gather(torch.tensor([[4, 6]]))
     torch.testing.assert_close(gk[:, :, :3], k)
     torch.testing.assert_close(gv[:, :, :3], v)
+
+
+def test_batch_tables_are_reused_until_a_reservation_changes(tiny):
+    config = tiny(trunk="ode")
+    cache = PagedKVCache(config, num_pages=12, page_size=2)
+    cache.reserve("a", 2, 3)
+    cache.reserve("b", 2, 3)
+    first = cache.batch(["a", "b"])
+    assert cache.batch(["a", "b"]) is first  # a decode loop over the same rows
+    assert cache.batch(["b", "a"]) is not first  # other order, other tables
+    cache.release("a")
+    cache.reserve("a", 3, 1)  # same id, new pages and step count
+    again = cache.batch(["a", "b"])
+    assert again is not first
+    assert again.cached_steps.tolist() == [3, 2]
+    assert again.block_tables[0, 2, 0] >= 0 and again.block_tables[0, 0, 1] == -1

@@ -110,3 +110,11 @@ def test_utf8_split_across_tokens_is_never_broken(tokenizer):
     deltas = [stream.push(t) for t in ids] + [stream.finish()]
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_greedy_ties_take_the_first_maximal_index():
+    logits = torch.zeros(3, 8)
+    logits[0, [2, 5]] = 1.0
+    logits[1, [0, 7]] = 2.0  # rows 0 and 1 tie; row 2 is all equal
+    params = [SamplingParams(temperature=0.0)] * 3
+    assert sample(logits, params, [None] * 3) == [2, 0, 0]
