@@ -81,6 +81,7 @@ class LeanLM(nn.Module):
         kv: KVBatch | None = None,
         experts: Tensor | None = None,
         last_only: bool = False,
+        last_index: Tensor | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -94,6 +95,9 @@ class LeanLM(nn.Module):
             experts: (B,) int64 experts top-k (MoE) or truncation depth (tree)
                 per row; None = the trained maximum.
             last_only: compute logits for the last position only (decode).
+            last_index: (B,) int64 index in [0, T) of each row's last real
+                token, for right-padded rows of different lengths; with
+                `last_only`, default T - 1.
 
         Returns:
             ModelOutput with logits (B, T, V) or (B, 1, V).
@@ -105,7 +109,7 @@ class LeanLM(nn.Module):
             c, x, positions, steps, kv, experts, lambda k, *args: self.blocks[k](*args), writes_kv=True
         )
         if last_only:
-            x = x[:, -1:]
+            x = select_last(x, last_index)  # (B, 1, d)
         x = self.norm_f(x)
         weight = self.wte.weight if self.head is None else self.head.weight
         logits = (x @ weight.t()) * c.logit_mult  # (B, T, V) CompleteP/muP output multiplier
@@ -238,6 +242,16 @@ def prepare_inputs(
     if kv is not None:
         check_cache(kv, positions, steps)
     return positions, steps
+
+
+def select_last(x: Tensor, last_index: Tensor | None) -> Tensor:
+    """(B, T, d) -> (B, 1, d): position `last_index[b]` of each row, or the last one."""
+    if last_index is None:
+        return x[:, -1:]
+    B, T, d = x.shape
+    if last_index.shape != (B,) or int(last_index.min()) < 0 or int(last_index.max()) >= T:
+        raise ValueError(f"last_index: must be (B,) = ({B},) indices in [0, {T - 1}]")
+    return x.gather(1, last_index.view(B, 1, 1).expand(B, 1, d))
 
 
 BlockFn = Callable[..., BlockOut]

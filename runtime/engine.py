@@ -222,6 +222,27 @@ class _RequestState:
     done: bool = False
 
 
+def prefill_groups(seqs: list[Sequence], max_padding: float = 2.0) -> list[list[Sequence]]:
+    """Split prompts into forwards of right-padded rows.
+
+    Prompts are sorted by length and packed while a group's padded size
+    (longest prompt x rows) stays within `max_padding` x its real tokens: one
+    forward for typical mixed lengths, separate ones when a long prompt would
+    make many short ones pay for its length.
+    """
+    groups: list[list[Sequence]] = []
+    real = 0
+    for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+        n = len(seq.prompt_ids)
+        if groups and n * (len(groups[-1]) + 1) <= max_padding * (real + n):
+            groups[-1].append(seq)
+            real += n
+        else:
+            groups.append([seq])
+            real = n
+    return groups
+
+
 @dataclass
 class _IterationResult:
     tokens: dict[str, int]
@@ -513,21 +534,29 @@ class Engine:
         t0 = time.perf_counter()
         tokens: dict[str, int] = {}
         counts: torch.Tensor | None = None
-        # Rows of one forward share T: prefill equal-length prompts together.
-        groups: dict[int, list[Sequence]] = {}
-        for seq in out.prefill:
-            groups.setdefault(len(seq.prompt_ids), []).append(seq)
-        batches = [(g, False) for g in groups.values()] + ([(out.decode, True)] if out.decode else [])
+        batches = [(g, False) for g in prefill_groups(out.prefill)]
+        if out.decode:
+            batches.append((out.decode, True))
         for seqs, _is_decode in batches:
             inputs = [s.next_input() for s in seqs]
-            T = len(inputs[0][0])
-            ids = torch.tensor([i for i, _ in inputs], dtype=torch.long)  # (B, T)
+            lens = [len(i) for i, _ in inputs]
+            T = max(lens)
+            ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in inputs], dtype=torch.long)  # (B, T)
             start = torch.tensor([p for _, p in inputs], dtype=torch.long)  # (B,)
             positions = start[:, None] + torch.arange(T)[None, :]  # (B, T)
+            last_index = None
+            if min(lens) < T:
+                # Right padding: a pad's key/value lands on a slot the row has
+                # reserved but not reached (clamped to its last reserved slot),
+                # which is overwritten before any query may see it; its logits
+                # are never read (last_index picks each row's last real token).
+                cap = torch.tensor([self.kv.capacity(s.request_id) for s in seqs], dtype=torch.long)
+                positions = torch.minimum(positions, cap[:, None] - 1)
+                last_index = torch.tensor(lens, dtype=torch.long) - 1  # (B,)
             steps = torch.tensor([s.steps for s in seqs], dtype=torch.long)  # (B,)
             experts = self._experts_tensor(seqs)
             kv = self.kv.batch([s.request_id for s in seqs])
-            res = self.backend.forward(ids, positions, steps, kv, experts, True)
+            res = self.backend.forward(ids, positions, steps, kv, experts, True, last_index)
             logits = res.logits[:, -1, :]  # (B, V)
             states = [self._states[s.request_id] for s in seqs]
             sampled = sample(logits, [st.request.sampling for st in states], [st.generator for st in states])

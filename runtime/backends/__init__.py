@@ -38,6 +38,7 @@ class Backend(Protocol):
         kv: KVBatch | None,
         experts: Tensor | None,
         last_only: bool,
+        last_index: Tensor | None = None,
     ) -> ModelOutput:
         """Same contract as `LeanLM.forward` (shapes in models/model.py)."""
         ...

@@ -34,7 +34,7 @@ from models.config import ModelConfig
 from models.export import MANIFEST_FILE, MANIFEST_FORMAT, ONNX_DIR, block_io_names, config_hash, file_sha256
 from models.kv_cache import KVBatch
 from models.layers import BlockOut
-from models.model import ModelOutput, prepare_inputs, run_trunk
+from models.model import ModelOutput, prepare_inputs, run_trunk, select_last
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class OnnxBackend:
         kv: KVBatch | None = None,
         experts: Tensor | None = None,
         last_only: bool = False,
+        last_index: Tensor | None = None,
     ) -> ModelOutput:
         """Run the model; same arguments, semantics and errors as `LeanLM.forward`.
 
@@ -183,6 +184,7 @@ class OnnxBackend:
             kv: paged cache view (CPU); new keys/values are written to it.
             experts: (B,) int64 experts top-k (MoE) or tree depth per row; None = maximum.
             last_only: logits for the last position only.
+            last_index: (B,) index of each row's last real token (right padding).
 
         Returns:
             ModelOutput with logits (B, T, V) or (B, 1, V), aux_loss None
@@ -199,7 +201,7 @@ class OnnxBackend:
             setting = torch.full((B,), self._full_setting, dtype=torch.long)
         x, _, counts_total = run_trunk(c, x, positions, steps, kv, setting, self._run_block)
         if last_only:
-            x = x[:, -1:]
+            x = select_last(x, last_index)
         (logits,) = self._head.run(None, {"x": _np(x)})
         return ModelOutput(torch.from_numpy(logits), None, counts_total)
 

@@ -36,6 +36,7 @@ class TorchBackend:
         kv: KVBatch | None,
         experts: Tensor | None,
         last_only: bool,
+        last_index: Tensor | None = None,
     ) -> ModelOutput:
         """See `LeanLM.forward`; inputs are moved to the model's device."""
         dev = self.device
@@ -47,4 +48,5 @@ class TorchBackend:
                 kv=kv,
                 experts=None if experts is None else experts.to(dev),
                 last_only=last_only,
+                last_index=None if last_index is None else last_index.to(dev),
             )

@@ -61,6 +61,44 @@ async def run_batched(engine, requests):
 
 
 # --- invariance ------------------------------------------------------------------
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_prompts_of_different_lengths_prefill_in_one_padded_forward(make_engine, arun, ffn):
+    """Right-padded prefill gives every request the tokens it gets alone."""
+    prompts = ["In", "In the beginning", "The scheduler admitted them all", "every row in one batch"]
+    requests = [req(f"p{i}", prompt=p, steps=3, max_tokens=6) for i, p in enumerate(prompts)]
+    alone = [arun(run_alone(make_engine(ffn), r)) for r in requests]
+    engine = make_engine(ffn)
+    calls = []
+    forward = engine.backend.forward
+
+    def spy(tokens, positions, steps, kv, experts, last_only, last_index=None):
+        calls.append((tuple(tokens.shape), last_index))
+        return forward(tokens, positions, steps, kv, experts, last_only, last_index)
+
+    engine.backend.forward = spy
+    batched = arun(run_batched(engine, requests))
+    assert [b[1] for b in batched] == [a[1] for a in alone]
+    assert ["".join(b[0]) for b in batched] == ["".join(a[0]) for a in alone]
+    padded = [c for c in calls if c[1] is not None]
+    assert padded and padded[0][0][0] > 1, calls  # several prompts shared one padded forward
+    assert len(set(padded[0][1].tolist())) > 1  # ... of different lengths
+    assert engine.stats().kv_used_bytes == 0
+
+
+def test_prefill_groups_bound_the_padding():
+    from runtime.engine import prefill_groups
+
+    class S:
+        def __init__(self, n: int) -> None:
+            self.prompt_ids = [1] * n
+
+    lens = lambda groups: [[len(s.prompt_ids) for s in g] for g in groups]  # noqa: E731
+    assert lens(prefill_groups([S(5), S(3), S(4)])) == [[3, 4, 5]]
+    # One 100-token prompt would make the short ones pay ~10x: it runs on its own.
+    assert lens(prefill_groups([S(10), S(100), S(8), S(9)])) == [[8, 9, 10], [100]]
+    assert prefill_groups([]) == []
+
+
 @pytest.mark.parametrize("ffn,field", [("moe", "experts_top_k"), ("tree", "expert_depth")])
 def test_greedy_output_alone_equals_batched_with_mixed_compute(make_engine, arun, ffn, field):
     target = req("target", steps=4, max_tokens=16, **{field: 1})

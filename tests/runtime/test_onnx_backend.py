@@ -87,6 +87,14 @@ def test_full_forward_without_cache(case) -> None:
     got = backend.forward(tokens, last_only=True)
     assert got.logits.shape == (3, 1, 97)
     assert _max_diff(model(tokens, last_only=True).logits, got.logits) <= TOL
+    # Right-padded rows: each row's logits at its own last real token.
+    last = torch.tensor([10, 3, 0])
+    got = backend.forward(tokens, last_only=True, last_index=last)
+    full = model(tokens).logits
+    assert _max_diff(full[torch.arange(3), last][:, None], got.logits) <= TOL
+    assert _max_diff(model(tokens, last_only=True, last_index=last).logits, got.logits) <= TOL
+    with pytest.raises(ValueError, match="last_index"):
+        backend.forward(tokens, last_only=True, last_index=torch.tensor([11, 0, 0]))
 
 
 @torch.no_grad()
