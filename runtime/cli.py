@@ -325,8 +325,18 @@ register(
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", nargs="?", help="model directory (default: models/zoo/ode-tiny)")
     p.add_argument("--config", help="YAML with the builder args (model_dir, engine, deployment, ...)")
-    p.add_argument("--grpc-port", type=int, default=9000, help="gRPC proxy port (default 9000)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP proxy port (default 8000)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="gRPC proxy port (default: the --config file's, else 9000)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="HTTP proxy port (default: the --config file's, else 8000)",
+    )
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray metrics export port (default 8080)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--num-cpus", type=int, help="CPUs given to the local Ray (default: all)")

@@ -5,7 +5,7 @@
 * gRPC, through Ray Serve's native gRPC proxy: the deployment methods are
   named after the RPCs of `leanserve.v1.TextGeneration` (`Generate`,
   `GenerateStream`, `GetModelInfo`) and of `grpc.health.v1.Health`
-  (`Check`). The proxy needs the servicer functions in `GRPC_SERVICER_FUNCTIONS`
+  (`Check`, `Watch`). The proxy needs the servicer functions in `GRPC_SERVICER_FUNCTIONS`
   (passed to `gRPCOptions`); with a single application no `application`
   metadata is needed, so plain clients and Kubernetes gRPC probes work.
 * HTTP (FastAPI ingress on the same deployment, Serve's HTTP proxy):
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "leanserve"
 DEPLOYMENT_NAME = "LeanServer"
 GRPC_SERVICER_FUNCTIONS = [SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION]
+WATCH_POLL_S = 1.0  # how often an open Health/Watch stream re-checks the status
 GRPC_SERVICE = "leanserve.v1.TextGeneration"
 _METRICS_REFRESH_S = 1.0  # gauges of an idle engine (no iterations) are refreshed this often
 
@@ -229,18 +230,38 @@ class LeanServer:
         return conv.model_info(self.pb2, self._engine())
 
     # --- gRPC: grpc.health.v1.Health -----------------------------------------------
+    def _health_status(self, service: str) -> int:
+        """HealthCheckResponse status of "" (the server) or our service; SERVICE_UNKNOWN otherwise."""
+        h = self.health_pb2.HealthCheckResponse
+        if service not in ("", GRPC_SERVICE):
+            return h.SERVICE_UNKNOWN
+        serving = self.ready and self.engine is not None and self.engine.state == "running"
+        return h.SERVING if serving else h.NOT_SERVING
+
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         """Standard health check: SERVING once the engine runs; "" and our service are known."""
         h = self.health_pb2
-        if request.service not in ("", GRPC_SERVICE):
+        status = self._health_status(request.service)
+        if status == h.HealthCheckResponse.SERVICE_UNKNOWN:
             import grpc
 
             grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
             grpc_context.set_details(f"unknown service {request.service!r}")
             raise conv.AbortedRpcError(f"unknown service {request.service!r}")
-        serving = self.ready and self.engine is not None and self.engine.state == "running"
-        status = h.HealthCheckResponse.SERVING if serving else h.HealthCheckResponse.NOT_SERVING
         return h.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
+        """Streaming health check: the status at once, then every change (checked each
+        `WATCH_POLL_S`) until the client cancels. Per the protocol an unknown service is
+        reported as SERVICE_UNKNOWN rather than an error. A watch holds one of the
+        replica's `max_ongoing_requests` slots while open; Kubernetes probes use Check."""
+        last = None
+        while True:
+            status = self._health_status(request.service)
+            if status != last:
+                yield self.health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(WATCH_POLL_S)
 
     def _engine(self) -> Engine:
         if self.engine is None or not self.ready:

@@ -32,6 +32,10 @@ LOCAL_ENV = {
 }
 
 
+DEFAULT_GRPC_PORT = 9000
+DEFAULT_HTTP_PORT = 8000
+
+
 def set_local_env() -> None:
     """Environment for a local, token-free, loopback Ray (call before importing ray)."""
     for key, value in LOCAL_ENV.items():
@@ -97,19 +101,40 @@ def stop_local() -> None:
             ray.shutdown()
 
 
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: must hold a mapping of builder args or a Serve config")
+    return loaded
+
+
+def resolve_ports(args: Any) -> tuple[int, int]:
+    """(gRPC, HTTP) ports: the flags, else a Serve config file's `grpc_options` /
+    `http_options` ports, else 9000 / 8000. The bind address never comes from
+    the file (its 0.0.0.0 is for a cluster); `--host` sets it."""
+    loaded = _load_config(args.config)
+    grpc = args.grpc_port or (loaded.get("grpc_options") or {}).get("port") or DEFAULT_GRPC_PORT
+    http = args.http_port or (loaded.get("http_options") or {}).get("port") or DEFAULT_HTTP_PORT
+    for name, port in (("grpc_options.port", grpc), ("http_options.port", http)):
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"{name}={port!r}: must be an integer port in [1, 65535]")
+    return grpc, http
+
+
 def _app_args(args: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        with open(args.config, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: must hold a mapping of builder args")
-        # Accept a Serve config file too: take the first application's args.
-        if "applications" in loaded:
-            loaded = (loaded["applications"] or [{}])[0].get("args", {}) or {}
-        cfg.update(loaded)
+    loaded = _load_config(args.config)
+    # Accept a Serve config file too: take the first application's args.
+    if "applications" in loaded:
+        loaded = (loaded["applications"] or [{}])[0].get("args", {}) or {}
+    else:
+        loaded = {k: v for k, v in loaded.items() if k not in ("grpc_options", "http_options")}
+    cfg.update(loaded)
     if args.model_dir:
         cfg["model_dir"] = args.model_dir
     if args.threads:
@@ -131,6 +156,7 @@ def main(args: Any) -> int:
 
     cfg = _app_args(args)
     parsed = ServeArgs.from_dict(cfg)  # bad config fails here, before Ray starts
+    args.grpc_port, args.http_port = resolve_ports(args)
     model_dir = resolve_model_dir(parsed.model_dir)
     stop = threading.Event()
     print(f"leanserve serve: starting Ray and deploying {model_dir} ...", file=sys.stderr)

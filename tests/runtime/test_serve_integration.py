@@ -98,6 +98,24 @@ def test_health_check_serving_after_start(server):
     assert _http_json(f"http://127.0.0.1:{server['http']}/healthz") == {"ready": True}
 
 
+def test_health_watch_streams_status_until_cancelled(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server["target"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service, want in (("", "SERVING"), ("nope", "SERVICE_UNKNOWN")):
+            call = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+            first = next(call)
+            assert health_pb2.HealthCheckResponse.ServingStatus.Name(first.status) == want
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as err:
+                next(call)
+            assert err.value.code() is grpc.StatusCode.CANCELLED
+        # The replica keeps answering after the watches went away.
+        resp = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_model_info(server):
     info = server["client"].model_info()
     assert (info.name, info.min_steps, info.max_steps, info.ffn) == ("serve-tiny", 2, 4, "moe")

@@ -1,0 +1,49 @@
+"""`leanserve serve` argument resolution (no Ray started here)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from runtime.serve_cli import _app_args, resolve_ports
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_CONFIG = REPO / "deploy" / "serve" / "leanserve.yaml"
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(
+        config=None, grpc_port=None, http_port=None, model_dir=None, threads=None, replicas=None,
+        max_batch_size=None, max_waiting=None, kv_cache_bytes=None, default_steps=None,
+        slo_target_itl_ms=None,
+    )  # fmt: skip
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_ports_default_then_config_file_then_flags(tmp_path: Path):
+    assert resolve_ports(_args()) == (9000, 8000)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(
+        "grpc_options:\n  port: 9500\nhttp_options:\n  host: 0.0.0.0\n  port: 8500\napplications: []\n"
+    )
+    assert resolve_ports(_args(config=str(cfg))) == (9500, 8500)
+    assert resolve_ports(_args(config=str(cfg), grpc_port=9100)) == (9100, 8500)
+    assert resolve_ports(_args(config=str(SERVE_CONFIG))) == (9000, 8000)
+
+
+def test_bad_port_in_config_names_the_field(tmp_path: Path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("grpc_options:\n  port: 70000\n")
+    with pytest.raises(ValueError, match=r"grpc_options.port=70000: must be an integer port in \[1, 65535\]"):
+        resolve_ports(_args(config=str(cfg)))
+
+
+def test_serve_config_application_args_and_flag_overrides():
+    cfg = _app_args(_args(config=str(SERVE_CONFIG), max_batch_size=4, model_dir="models/zoo/ode-tiny"))
+    assert cfg["model_dir"] == "models/zoo/ode-tiny"
+    assert cfg["engine"]["max_batch_size"] == 4
+    assert cfg["engine"]["page_size"] == 16  # from the file
+    assert "grpc_options" not in cfg and "http_options" not in cfg
