@@ -38,7 +38,7 @@ import torch
 from tokenizers import Tokenizer
 
 from models.config import ModelConfig
-from models.kv_cache import PagedKVCache
+from models.kv_cache import KVBatch, PagedKVCache
 from models.tokenizer import eot_id
 from runtime.backends import Backend
 from runtime.policy import ModelProfile, PolicyDecision, SLOController, StepPolicy, Tier
@@ -54,6 +54,7 @@ from runtime.types import (
     RequestCancelledError,
     RequestOutput,
     RequestStats,
+    SamplingParams,
 )
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,21 @@ def prefill_groups(seqs: list[Sequence], max_padding: float = 2.0) -> list[list[
             groups.append([seq])
             real = n
     return groups
+
+
+@dataclass
+class _ForwardBatch:
+    """One forward's inputs, built on the event loop (`Engine._prepare`)."""
+
+    request_ids: list[str]
+    tokens: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (B, T)
+    steps: torch.Tensor  # (B,)
+    experts: torch.Tensor | None  # (B,)
+    kv: KVBatch
+    last_index: torch.Tensor | None  # (B,) with right padding
+    sampling: list[SamplingParams]
+    generators: list[torch.Generator | None]
 
 
 @dataclass
@@ -520,7 +536,8 @@ class Engine:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), timeout)
                     continue
-                result = await loop.run_in_executor(self._executor, self._execute, out)
+                batches = self._prepare(out)
+                result = await loop.run_in_executor(self._executor, self._execute, batches)
                 self._process(out, result)
         except asyncio.CancelledError:
             raise
@@ -529,15 +546,14 @@ class Engine:
             self._state = "dead"
             self._fail_all(EngineUnavailableError(f"engine failed: {e}"))
 
-    def _execute(self, out: SchedulerOutput) -> _IterationResult:
-        """Worker thread: run this iteration's forwards and sample (reads state only)."""
-        t0 = time.perf_counter()
-        tokens: dict[str, int] = {}
-        counts: torch.Tensor | None = None
-        batches = [(g, False) for g in prefill_groups(out.prefill)]
+    def _prepare(self, out: SchedulerOutput) -> list[_ForwardBatch]:
+        """Event loop: this iteration's forward inputs, so the worker thread never
+        reads the scheduler's or the KV pool's bookkeeping while the loop may change it."""
+        batches = prefill_groups(out.prefill)
         if out.decode:
-            batches.append((out.decode, True))
-        for seqs, _is_decode in batches:
+            batches.append(out.decode)
+        prepared = []
+        for seqs in batches:
             inputs = [s.next_input() for s in seqs]
             lens = [len(i) for i, _ in inputs]
             T = max(lens)
@@ -553,14 +569,31 @@ class Engine:
                 cap = torch.tensor([self.kv.capacity(s.request_id) for s in seqs], dtype=torch.long)
                 positions = torch.minimum(positions, cap[:, None] - 1)
                 last_index = torch.tensor(lens, dtype=torch.long) - 1  # (B,)
-            steps = torch.tensor([s.steps for s in seqs], dtype=torch.long)  # (B,)
-            experts = self._experts_tensor(seqs)
-            kv = self.kv.batch([s.request_id for s in seqs])
-            res = self.backend.forward(ids, positions, steps, kv, experts, True, last_index)
-            logits = res.logits[:, -1, :]  # (B, V)
             states = [self._states[s.request_id] for s in seqs]
-            sampled = sample(logits, [st.request.sampling for st in states], [st.generator for st in states])
-            tokens.update({s.request_id: t for s, t in zip(seqs, sampled)})
+            prepared.append(
+                _ForwardBatch(
+                    request_ids=[s.request_id for s in seqs],
+                    tokens=ids,
+                    positions=positions,
+                    steps=torch.tensor([s.steps for s in seqs], dtype=torch.long),  # (B,)
+                    experts=self._experts_tensor(seqs),
+                    kv=self.kv.batch([s.request_id for s in seqs]),
+                    last_index=last_index,
+                    sampling=[st.request.sampling for st in states],
+                    generators=[st.generator for st in states],
+                )
+            )
+        return prepared
+
+    def _execute(self, batches: list[_ForwardBatch]) -> _IterationResult:
+        """Worker thread: run this iteration's forwards and sample (touches only its inputs)."""
+        t0 = time.perf_counter()
+        tokens: dict[str, int] = {}
+        counts: torch.Tensor | None = None
+        for b in batches:
+            res = self.backend.forward(b.tokens, b.positions, b.steps, b.kv, b.experts, True, b.last_index)
+            sampled = sample(res.logits[:, -1, :], b.sampling, b.generators)  # logits (B, V)
+            tokens.update(zip(b.request_ids, sampled))
             if res.expert_counts is not None:
                 c = res.expert_counts.detach().to("cpu", torch.long)
                 counts = c if counts is None else counts + c
