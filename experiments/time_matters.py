@@ -36,17 +36,15 @@ from typing import Any
 import numpy as np
 
 from experiments.common import (
-    REUSE_NOTE,
     Budget,
-    command_line,
     markdown_table,
     measure_train_throughput,
     parse_args,
     prepare_data,
+    publish_report,
     set_threads,
     train_model,
     val_loss,
-    write_report,
 )
 from models.config import ModelConfig
 from models.cost import Cost, param_counts, prefill_cost
@@ -526,16 +524,15 @@ Grid measurements:
         ("Setup", setup),
         ("Differences from the paper", differences),
     ]
-    write_report(
-        out / f"{NAME}.md",
+    publish_report(
+        args,
+        NAME,
         "Time Matters: step time vs FLOPs vs bytes, and wide vs deep at fixed wall-clock",
-        command_line(f"experiments.{NAME}", args.argv),
         wall,
         sections,
         figure,
-        wall_note=REUSE_NOTE if args.reuse else "",
+        summary=f" (R^2 flops {r2f:.4f}, bytes {r2b:.4f})",
     )
-    print(f"wrote {out / f'{NAME}.md'} in {wall:.0f} s (R^2 flops {r2f:.4f}, bytes {r2b:.4f})")
     return 0
 
 
