@@ -334,24 +334,21 @@ def run_trunk(
             hr = h_all if rows is None else h_all[rows]
             mr = mask_all if rows is None else mask_all[rows]
             sr = experts if (experts is None or rows is None) else experts[rows]
-            if fused:
-                assert kv is not None
+            if kv is None:
+                empty = xr.new_zeros(xr.shape[0], c.n_heads, 0, c.head_dim)
+                out = block_fn(k, xr, hr, empty, empty, mr, sr)
+            else:
                 table = kv.block_tables[:, i] if rows is None else kv.block_tables[rows, i]  # (R, P_max)
                 sp = slot_page if rows is None else slot_page[rows]
                 so = slot_off if rows is None else slot_off[rows]
-                hook = _kv_hook(kv, table[:, :P].contiguous(), table.gather(1, sp) * page_size + so)
-                out = block_fn(k, xr, hr, no_past, no_past, mr, sr, hook)
-            else:
-                if kv is not None:
-                    bt = kv.block_tables[:, i, :P] if rows is None else kv.block_tables[rows, i, :P]
-                    past_k, past_v = kv.pool.gather(bt)  # (R, nh, S', hs)
+                slots = table.gather(1, sp) * page_size + so  # (R, T) flat slots of the new tokens
+                window = table[:, :P].contiguous()  # (R, P) pages the block reads
+                if fused:
+                    out = block_fn(k, xr, hr, no_past, no_past, mr, sr, _kv_hook(kv, window, slots))
                 else:
-                    past_k = past_v = xr.new_zeros(xr.shape[0], c.n_heads, 0, c.head_dim)
-                out = block_fn(k, xr, hr, past_k, past_v, mr, sr)
-                if kv is not None:
-                    rows_idx = torch.arange(B, device=device) if rows is None else rows
-                    pages = kv.block_tables[rows_idx, i].gather(1, slot_page[rows_idx])  # (R, T)
-                    kv.pool.scatter(pages * page_size + slot_off[rows_idx], out.k, out.v)
+                    past_k, past_v = kv.pool.gather(window)  # (R, nh, S', hs)
+                    out = block_fn(k, xr, hr, past_k, past_v, mr, sr)
+                    kv.pool.scatter(slots, out.k, out.v)
             x = out.x if rows is None else x.index_copy(0, rows, out.x)
             if out.aux_loss is not None:
                 aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
