@@ -1,28 +1,42 @@
 """`leanserve bench serve`: what serving adds over the bare engine, in one run.
 
 The same request (a greedy generation of `--new-tokens` tokens at a fixed step
-count, prompt fixed) is timed end to end, `--runs` times each, one after
-another:
+count, prompt fixed) is timed end to end over three paths:
 
-1. on the bare engine in this process (`Engine.submit`, no Ray, no gRPC);
-2. through Ray Serve's native gRPC proxy with unary `Generate`;
-3. through the proxy with `GenerateStream` (a message per `--stream-interval` tokens).
+1. the bare engine (`Engine.submit`; no Ray, no gRPC) in a subprocess of its
+   own: an in-process Ray driver would slow it down;
+2. Ray Serve's native gRPC proxy with unary `Generate`;
+3. the proxy with `GenerateStream` (a message per `--stream-interval` tokens).
 
-The bare engine runs first and is stopped before Ray starts, so the two do not
-compete for the cores; the replica gets the same engine settings and torch
-thread count. The table prints p50 / p99 and the overhead ratio of each
-served path over the bare engine (target: p50 overhead <= 15 %).
+The paths are measured *paired*: Ray and the replica are started first, then
+each round runs one request on every path, one after another (never two at
+once, so they do not compete for cores), in an order that rotates from round
+to round. Background load (a freshly started Ray settling down, other
+processes) then falls on all paths alike instead of on whichever ran during it.
+The replica gets the same engine settings and torch thread count as the bare
+engine.
+
+The table prints p50 / p99 and the p50 overhead of each served path over the
+bare engine (target: unary p50 overhead <= 15 %). The unary overhead is split
+into the replica's own engine time (`timings.total_s` of the response, from
+arrival in the engine to the last token) and the rest, the transport: client
+-> proxy -> replica -> proxy -> client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+PROMPT = "In the beginning God created the heavens and the earth."
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -30,122 +44,170 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _bare(
-    model_dir: str, engine_args: dict[str, Any], prompt: str, steps: int, new: int, runs: int
-) -> list[float]:
+@dataclass
+class Samples:
+    """Seconds per request on each path, one entry per measured round."""
+
+    bare: list[float] = field(default_factory=list)
+    unary: list[float] = field(default_factory=list)
+    unary_engine: list[float] = field(default_factory=list)  # the replica's own engine time
+    stream: list[float] = field(default_factory=list)
+
+
+def _bare_worker(conn: Any, model_dir: str, engine_args: dict[str, Any], threads: int) -> None:
+    """Subprocess body: the bare engine, one timed request per `(steps, new_tokens, prompt)` received.
+
+    It runs in a process of its own because an in-process Ray driver slows the
+    engine by some 10 % (its core-worker threads share the process), which
+    would flatter the served paths."""
     from runtime.engine import Engine, EngineConfig
     from runtime.types import ComputeParams, GenerationRequest, SamplingParams
 
+    torch.set_num_threads(threads)
     engine = Engine.from_model_dir(model_dir, EngineConfig(**engine_args))
 
-    async def go() -> list[float]:
+    async def serve() -> None:
         await engine.start()
-        times = []
         try:
-            for i in range(runs + 2):  # two warm-up runs
+            i = 0
+            while (job := await asyncio.to_thread(conn.recv)) is not None:
+                steps, new_tokens, prompt = job
                 request = GenerationRequest(
                     f"bench-{i}",
                     prompt=prompt,
-                    sampling=SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True),
+                    sampling=SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
                     compute=ComputeParams(steps=steps),
                 )
                 t0 = time.perf_counter()
                 async for _ in engine.submit(request):
                     pass
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
+                conn.send(time.perf_counter() - t0)
+                i += 1
         finally:
             await engine.stop()
-        return times
 
-    return asyncio.run(go())
+    asyncio.run(serve())
 
 
-def _served(
-    model_dir: str,
-    engine_args: dict[str, Any],
-    threads: int,
-    prompt: str,
-    steps: int,
-    new: int,
-    runs: int,
-    port: int,
-    stream_interval: int,
-) -> tuple[list[float], list[float]]:
-    from runtime.client import Client, build_request
-    from runtime.serve_app import deploy
-    from runtime.serve_cli import start_local, stop_local
+class BareEngine:
+    """The bare engine in a spawned subprocess (no Ray there); `run()` times one request."""
 
-    temp_dir = tempfile.mkdtemp(prefix="leanserve-bench-")
-    start_local(grpc_port=port, http_port=port + 1, metrics_port=port + 2, temp_dir=temp_dir)
-    try:
-        app = {
-            "model_dir": model_dir,
-            "threads": threads,
-            "engine": engine_args,
-            "stream_interval": stream_interval,
-        }
-        deploy(app, timeout_s=300)
-        client = Client(f"127.0.0.1:{port}")
-        # ignore_eos is not on the wire: the request is fixed and greedy, so the text is the same each run.
-        request = build_request(client.pb2, prompt, max_tokens=new, temperature=0.0, steps=steps)
-        unary, stream = [], []
-        for i in range(runs + 2):
-            t0 = time.perf_counter()
-            client.generate(request, timeout=60)
-            if i >= 2:
-                unary.append(time.perf_counter() - t0)
-        for i in range(runs + 2):
-            t0 = time.perf_counter()
-            for _ in client.stream(request, timeout=60):
-                pass
-            if i >= 2:
-                stream.append(time.perf_counter() - t0)
-        client.close()
-        return unary, stream
-    finally:
-        stop_local()
-        import shutil
+    def __init__(self, model_dir: str, engine_args: dict[str, Any], threads: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_bare_worker, args=(child, model_dir, engine_args, threads), daemon=True
+        )
+        self._proc.start()
 
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    def run(self, steps: int, new_tokens: int, prompt: str = PROMPT, timeout_s: float = 120.0) -> float:
+        """Seconds from submit to the last token of one greedy request."""
+        self._conn.send((steps, new_tokens, prompt))
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"bare engine gave no answer in {timeout_s} s")
+        return self._conn.recv()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._conn.send(None)
+            self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+def measure_paired(
+    client: Any, bare_engine: BareEngine, steps: int, new_tokens: int, runs: int, warmup: int = 3,
+    prompt: str = PROMPT,
+) -> Samples:  # fmt: skip
+    """Time `runs` rounds of (bare engine, unary, stream) after `warmup` untimed rounds.
+
+    Args:
+        client: a `runtime.client.Client` of the served app.
+        bare_engine: the same model and engine settings outside Ray.
+        steps, new_tokens: the request's step count and `max_tokens` (greedy).
+    """
+    from runtime.client import build_request
+
+    served = build_request(client.pb2, prompt, max_tokens=new_tokens, temperature=0.0, steps=steps)
+    samples = Samples()
+
+    def bare(i: int) -> None:
+        elapsed = bare_engine.run(steps, new_tokens, prompt)
+        if i >= warmup:
+            samples.bare.append(elapsed)
+
+    def unary(i: int) -> None:
+        t0 = time.perf_counter()
+        response = client.generate(served, timeout=60)
+        if i >= warmup:
+            samples.unary.append(time.perf_counter() - t0)
+            samples.unary_engine.append(response.timings.total_s)
+
+    def stream(i: int) -> None:
+        t0 = time.perf_counter()
+        for _ in client.stream(served, timeout=60):
+            pass
+        if i >= warmup:
+            samples.stream.append(time.perf_counter() - t0)
+
+    paths: list[Callable[[int], None]] = [bare, unary, stream]
+    for i in range(warmup + runs):
+        for k in range(len(paths)):
+            paths[(i + k) % len(paths)](i)
+    return samples
+
+
+def report(samples: Samples, stream_interval: int) -> float:
+    """Print the table; returns the unary p50 overhead (0.15 = +15 %)."""
+    base = statistics.median(samples.bare)
+    print(f"{'path':<30} {'p50 ms':>8} {'p99 ms':>8} {'p50 overhead':>13}")
+    for name, values in (
+        ("bare engine", samples.bare),
+        ("gRPC unary via Ray proxy", samples.unary),
+        ("  of which replica engine", samples.unary_engine),
+        (f"gRPC stream, {stream_interval} tok/msg", samples.stream),
+    ):
+        p50 = statistics.median(values)
+        print(
+            f"{name:<30} {p50 * 1e3:>8.1f} {_percentile(values, 0.99) * 1e3:>8.1f} {p50 / base - 1:>+12.1%}"
+        )
+    transport = statistics.median(u - e for u, e in zip(samples.unary, samples.unary_engine))
+    print(f"unary transport (wall - replica engine) p50 {transport * 1e3:.1f} ms")
+    over = statistics.median(samples.unary) / base - 1
+    print(f"unary p50 overhead {over:+.1%} (target <= +15%: {'met' if over <= 0.15 else 'missed'})")
+    return over
 
 
 def main(args: Any) -> int:
-    """Run the comparison and print the table."""
+    """Start Ray + Serve locally, run the paired comparison, print the table, stop Ray."""
+    from runtime.client import Client
     from runtime.local import resolve_model_dir
+    from runtime.serve_app import deploy
+    from runtime.serve_cli import start_local, stop_local
 
     model_dir = str(resolve_model_dir(args.model_dir))
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     engine_args = {"max_batch_size": 4, "max_waiting": 8, "kv_cache_bytes": 64 * 2**20}
-    prompt = "In the beginning God created the heavens and the earth."
     print(
-        f"{model_dir}: {args.runs} sequential runs of {args.new_tokens} tokens at steps={args.steps}, "
+        f"{model_dir}: {args.runs} paired rounds of {args.new_tokens} tokens at steps={args.steps}, "
         f"{threads} torch threads"
     )
-    bare = _bare(model_dir, engine_args, prompt, args.steps, args.new_tokens, args.runs)
-    unary, stream = _served(
-        model_dir,
-        engine_args,
-        threads,
-        prompt,
-        args.steps,
-        args.new_tokens,
-        args.runs,
-        args.port,
-        args.stream_interval,
-    )
-    base = statistics.median(bare)
-    print(f"{'path':<28} {'p50 ms':>8} {'p99 ms':>8} {'p50 overhead':>13}")
-    for name, values in (
-        ("bare engine", bare),
-        ("gRPC unary via Ray proxy", unary),
-        (f"gRPC stream, {args.stream_interval} tok/msg", stream),
-    ):
-        p50 = statistics.median(values)
-        print(
-            f"{name:<28} {p50 * 1e3:>8.1f} {_percentile(values, 0.99) * 1e3:>8.1f} {p50 / base - 1:>+12.1%}"
-        )
-    over = statistics.median(unary) / base - 1
-    print(f"unary p50 overhead {over:+.1%} (target <= +15%: {'met' if over <= 0.15 else 'missed'})")
+    port = args.port
+    bare = BareEngine(model_dir, engine_args, threads)
+    temp_dir = tempfile.mkdtemp(prefix="leanserve-bench-")
+    start_local(grpc_port=port, http_port=port + 1, metrics_port=port + 2, temp_dir=temp_dir)
+    try:
+        app = {"model_dir": model_dir, "threads": threads, "engine": engine_args}
+        deploy({**app, "stream_interval": args.stream_interval}, timeout_s=300)
+        client = Client(f"127.0.0.1:{port}")
+        samples = measure_paired(client, bare, args.steps, args.new_tokens, args.runs)
+        client.close()
+    finally:
+        bare.close()
+        stop_local()
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    report(samples, args.stream_interval)
     return 0
