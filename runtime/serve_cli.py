@@ -25,10 +25,21 @@ import tempfile
 import threading
 from typing import Any
 
+# Ray Serve request-path settings for a latency-bound app (the Docker images set the same):
+# the replica runs the handlers on its main event loop (the engine's forwards run in a
+# worker thread, so nothing blocks that loop), and the proxy routes on its own loop;
+# each saves a cross-thread hand-off per request. `leanserve bench serve` measured
+# unary p50 overhead +15.6 % -> +11.8 % (mean of two paired runs each, 32 tokens).
+SERVE_LATENCY_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
 LOCAL_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    **SERVE_LATENCY_ENV,
 }
 
 
@@ -37,7 +48,8 @@ DEFAULT_HTTP_PORT = 8000
 
 
 def set_local_env() -> None:
-    """Environment for a local, token-free, loopback Ray (call before importing ray)."""
+    """Environment for a local, token-free, loopback Ray (call before importing ray; Ray's
+    processes inherit it). Values already set in the environment win."""
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
 

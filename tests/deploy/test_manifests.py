@@ -425,6 +425,10 @@ def test_dockerfile(name, platform, extra):
 
     (health,) = [a for i, a in ins if i == "HEALTHCHECK"]
     assert "/home/ray/healthcheck.py" in health and (DEPLOY / "docker" / "healthcheck.py").exists()
+    from runtime.serve_cli import SERVE_LATENCY_ENV
+
+    env = dict(pair.split("=", 1) for i, a in ins if i == "ENV" for pair in a.split())
+    assert {k: env.get(k) for k in SERVE_LATENCY_ENV} == SERVE_LATENCY_ENV, f"{name}: Serve latency env"
 
 
 def _dockerignored(src: str) -> bool:

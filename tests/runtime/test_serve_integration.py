@@ -171,8 +171,8 @@ def test_each_invalid_field_is_invalid_argument_naming_it(server, fields, name):
             call(msg, timeout=30)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert name in err.value.details()
-    # ...and the server still answers.
-    assert client.generate(_req(client, max_tokens=2), timeout=30).usage.completion_tokens == 2
+    # ...and the server still answers (unseeded sampling may draw end-of-text first).
+    assert 1 <= client.generate(_req(client, max_tokens=2), timeout=30).usage.completion_tokens <= 2
 
 
 def test_burst_beyond_the_queue_is_resource_exhausted_and_nothing_else_fails(server):
@@ -192,7 +192,7 @@ def test_burst_beyond_the_queue_is_resource_exhausted_and_nothing_else_fails(ser
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1, codes
     assert codes.count(grpc.StatusCode.OK) >= MAX_BATCH + MAX_WAITING - 1, codes
-    assert client.generate(_req(client, max_tokens=2), timeout=30).usage.completion_tokens == 2
+    assert 1 <= client.generate(_req(client, max_tokens=2), timeout=30).usage.completion_tokens <= 2
 
 
 def test_deadline_shorter_than_the_work_is_deadline_exceeded(server):
