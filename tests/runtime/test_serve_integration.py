@@ -320,3 +320,23 @@ def test_prometheus_server_scrapes_latency_and_steps_histograms(server, tmp_path
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_bench_serve_pairs_bare_unary_and_stream_rounds(server, tiny_model_dir, capsys):
+    """`leanserve bench serve`'s measurement on this server: every path timed each round, the
+    replica's engine time inside the unary wall time, and every table row printed."""
+    import math
+
+    from runtime.bench_serve import BareEngine, measure_paired, report
+
+    bare = BareEngine(str(tiny_model_dir), {"max_batch_size": 2, "max_waiting": 2}, threads=1)
+    try:
+        samples = measure_paired(server["client"], bare, steps=2, new_tokens=4, runs=2, warmup=1)
+    finally:
+        bare.close()
+    assert len(samples.bare) == len(samples.unary) == len(samples.unary_engine) == len(samples.stream) == 2
+    assert all(0 < engine < wall for engine, wall in zip(samples.unary_engine, samples.unary))
+    assert math.isfinite(report(samples, stream_interval=1))
+    out = capsys.readouterr().out
+    rows = ("bare engine", "gRPC unary via Ray proxy", "of which replica engine", "gRPC stream", "transport")
+    assert all(row in out for row in rows), out
