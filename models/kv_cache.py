@@ -100,7 +100,7 @@ class PagedKVCache:
     @staticmethod
     def bytes_per_token_step(config: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
         """Bytes one token occupies at one step: K and V of d values each."""
-        return 2 * config.d_model * torch.tensor([], dtype=dtype).element_size()
+        return 2 * config.d_model * dtype.itemsize
 
     @classmethod
     def for_budget(

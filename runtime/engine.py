@@ -559,7 +559,7 @@ class Engine:
             T = max(lens)
             ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in inputs], dtype=torch.long)  # (B, T)
             start = torch.tensor([p for _, p in inputs], dtype=torch.long)  # (B,)
-            positions = start[:, None] + torch.arange(T)[None, :]  # (B, T)
+            positions = start[:, None] if T == 1 else start[:, None] + torch.arange(T)[None, :]  # (B, T)
             last_index = None
             if min(lens) < T:
                 # Right padding: a pad's key/value lands on a slot the row has
