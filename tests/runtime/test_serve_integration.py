@@ -336,6 +336,7 @@ def test_bench_serve_pairs_bare_unary_and_stream_rounds(server, tiny_model_dir, 
         bare.close()
     assert len(samples.bare) == len(samples.unary) == len(samples.unary_engine) == len(samples.stream) == 2
     assert all(0 < engine < wall for engine, wall in zip(samples.unary_engine, samples.unary))
+    assert all(1 <= n <= 4 for n in samples.unary_tokens) and len(samples.unary_tokens) == 2
     assert math.isfinite(report(samples, stream_interval=1))
     out = capsys.readouterr().out
     rows = ("bare engine", "gRPC unary via Ray proxy", "of which replica engine", "gRPC stream", "transport")
