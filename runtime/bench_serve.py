@@ -20,8 +20,8 @@ The table prints p50 / p99 and the p50 overhead of each served path over the
 paired bare engine (target: unary p50 overhead <= 15 %). For reference it
 also prints the bare engine measured before Ray started: on a small machine
 Ray's own processes (proxy, controller, GCS) finishing their share of each
-served request slow the paired bare runs too, and this row shows by how much. The unary overhead is split
-into the replica's own engine time (`timings.total_s` of the response, from
+served request slow the paired bare runs too, and this row shows by how much.
+The unary overhead is split into the replica's own engine time (`timings.total_s` of the response, from
 arrival in the engine to the last token) and the rest, the transport: client
 -> proxy -> replica -> proxy -> client.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import shutil
 import statistics
 import tempfile
 import time
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 PROMPT = "In the beginning God created the heavens and the earth."
+WARMUP = 3  # untimed requests per path before the timed ones
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -121,7 +123,7 @@ class BareEngine:
 
 
 def measure_paired(
-    client: Any, bare_engine: BareEngine, steps: int, new_tokens: int, runs: int, warmup: int = 3,
+    client: Any, bare_engine: BareEngine, steps: int, new_tokens: int, runs: int, warmup: int = WARMUP,
     prompt: str = PROMPT,
 ) -> Samples:  # fmt: skip
     """Time `runs` rounds of (bare engine, unary, stream) after `warmup` untimed rounds.
@@ -165,13 +167,14 @@ def measure_paired(
 
 def report(samples: Samples, stream_interval: int, new_tokens: int | None = None) -> float:
     """Print the table; returns the unary p50 overhead (0.15 = +15 %)."""
-    if new_tokens is not None and min(samples.unary_tokens, default=new_tokens) < new_tokens:
+    fewest = min(samples.unary_tokens, default=new_tokens)
+    if new_tokens is not None and fewest is not None and fewest < new_tokens:
         # ignore_eos is not on the wire: a served request may stop at end-of-text, the bare one not.
         print(
-            f"warning: served requests stopped after {min(samples.unary_tokens)} of {new_tokens} tokens "
+            f"warning: served requests stopped after {fewest} of {new_tokens} tokens "
             "(end-of-text); the paths did not do the same work, choose another prompt"
         )
-    base = statistics.median(samples.bare)
+    base, unary = statistics.median(samples.bare), statistics.median(samples.unary)
     print(f"{'path':<30} {'p50 ms':>8} {'p99 ms':>8} {'p50 overhead':>13}")
     for name, values in (
         ("bare engine", samples.bare),
@@ -189,9 +192,9 @@ def report(samples: Samples, stream_interval: int, new_tokens: int | None = None
     transport = statistics.median(u - e for u, e in zip(samples.unary, samples.unary_engine))
     print(f"unary transport (wall - replica engine) p50 {transport * 1e3:.1f} ms")
     if samples.bare_without_ray:
-        alone = statistics.median(samples.unary) / statistics.median(samples.bare_without_ray) - 1
+        alone = unary / statistics.median(samples.bare_without_ray) - 1
         print(f"unary p50 over the bare engine before Ray started {alone:+.1%} (reference)")
-    over = statistics.median(samples.unary) / base - 1
+    over = unary / base - 1
     print(f"unary p50 overhead {over:+.1%} (target <= +15%: {'met' if over <= 0.15 else 'missed'})")
     return over
 
@@ -214,12 +217,17 @@ def main(args: Any) -> int:
     port = args.port
     bare = BareEngine(model_dir, engine_args, threads)
     # Reference only: the same engine before any Ray process exists (no background load at all).
-    without_ray = [bare.run(args.steps, args.new_tokens) for _ in range(args.runs + 3)][3:]
+    without_ray = [bare.run(args.steps, args.new_tokens) for _ in range(WARMUP + args.runs)][WARMUP:]
     temp_dir = tempfile.mkdtemp(prefix="leanserve-bench-")
     start_local(grpc_port=port, http_port=port + 1, metrics_port=port + 2, temp_dir=temp_dir)
     try:
-        app = {"model_dir": model_dir, "threads": threads, "engine": engine_args}
-        deploy({**app, "stream_interval": args.stream_interval}, timeout_s=300)
+        app = {
+            "model_dir": model_dir,
+            "threads": threads,
+            "engine": engine_args,
+            "stream_interval": args.stream_interval,
+        }
+        deploy(app, timeout_s=300)
         client = Client(f"127.0.0.1:{port}")
         samples = measure_paired(client, bare, args.steps, args.new_tokens, args.runs)
         samples.bare_without_ray = without_ray
@@ -227,8 +235,6 @@ def main(args: Any) -> int:
     finally:
         bare.close()
         stop_local()
-        import shutil
-
         shutil.rmtree(temp_dir, ignore_errors=True)
     report(samples, args.stream_interval, args.new_tokens)
     return 0
