@@ -91,15 +91,7 @@ class _StaticMoE(nn.Module):
 
     def forward(self, x: Tensor, setting: Tensor | None = None) -> FFNOut:
         m = self.moe
-        K = m.top_k
-        probs = torch.softmax(m.router(x).float(), dim=-1)  # (M, E)
-        top_p, top_i = probs.topk(K, dim=-1)  # (M, K)
-        if setting is not None:
-            keep = torch.arange(K, device=x.device)[None, :] < setting[:, None]  # (M, K)
-            top_p = top_p * keep
-        else:
-            keep = torch.ones_like(top_i, dtype=torch.bool)
-        weights = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)  # (M, K), 0 where dropped
+        probs, weights, top_i, keep = m.route(x, setting)  # weights (M, K), 0 where dropped
         # (M, E) combine matrix: the renormalised weight of each kept expert, 0 elsewhere.
         combine = torch.zeros_like(probs, dtype=x.dtype).scatter_add(1, top_i, weights)
         routed = torch.zeros_like(probs, dtype=torch.long).scatter_add(1, top_i, keep.long())

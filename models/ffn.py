@@ -100,8 +100,15 @@ class MoEFFN(nn.Module):
         self.w_down = nn.Parameter(torch.empty(e, f, d))  # (E, f, d)
         self.act = _ACTIVATIONS[config.activation]
 
-    def forward(self, x: Tensor, setting: Tensor | None = None) -> FFNOut:
-        M, E, K = x.shape[0], self.n_experts, self.top_k
+    def route(self, x: Tensor, setting: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top-k routing of x (M, d) with k = setting (M,) per token (None = trained K).
+
+        Returns:
+            probs (M, E) router probabilities; weights (M, K) renormalised over
+            the kept experts, 0 where dropped; top_i (M, K) expert ids, sorted
+            by probability; keep (M, K) bool.
+        """
+        K = self.top_k
         probs = torch.softmax(self.router(x).float(), dim=-1)  # (M, E)
         top_p, top_i = probs.topk(K, dim=-1)  # (M, K), sorted descending
         if setting is None:
@@ -110,7 +117,11 @@ class MoEFFN(nn.Module):
             keep = torch.arange(K, device=x.device)[None, :] < setting[:, None]  # (M, K)
             top_p = top_p * keep
         weights = (top_p / top_p.sum(-1, keepdim=True)).to(x.dtype)  # (M, K)
+        return probs, weights, top_i, keep
 
+    def forward(self, x: Tensor, setting: Tensor | None = None) -> FFNOut:
+        M, E, K = x.shape[0], self.n_experts, self.top_k
+        probs, weights, top_i, keep = self.route(x, setting)
         token = torch.arange(M, device=x.device)[:, None].expand(M, K)[keep]  # (A,) assignments
         expert = top_i[keep]  # (A,)
         w = weights[keep]  # (A,)

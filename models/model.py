@@ -104,18 +104,25 @@ class LeanLM(nn.Module):
         """
         c = self.config
         positions, steps = prepare_inputs(c, tokens, positions, steps, experts, kv)
-        x = self.wte(tokens) + self.wpe(positions)  # (B, T, d)
+        x = self.embed(tokens, positions)  # (B, T, d)
         x, aux_total, counts_total = run_trunk(
             c, x, positions, steps, kv, experts, lambda k, *args: self.blocks[k](*args), writes_kv=True
         )
         if last_only:
             x = select_last(x, last_index)  # (B, 1, d)
-        x = self.norm_f(x)
-        weight = self.wte.weight if self.head is None else self.head.weight
-        logits = (x @ weight.t()) * c.logit_mult  # (B, T, V) CompleteP/muP output multiplier
+        logits = self.logits(x)
         if aux_total is not None:
             aux_total = aux_total / int(steps.max())
         return ModelOutput(logits, aux_total, counts_total)
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """tokens, positions (B, T) -> x (B, T, d): token plus learned position embedding."""
+        return self.wte(tokens) + self.wpe(positions)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (B, T, d) after the trunk -> logits (B, T, V): final norm, head, 1/m_N."""
+        weight = self.wte.weight if self.head is None else self.head.weight
+        return (self.norm_f(x) @ weight.t()) * self.config.logit_mult  # CompleteP/muP output multiplier
 
     # ------------------------------------------------------------------
     @torch.no_grad()
@@ -267,6 +274,7 @@ def run_trunk(
     experts: Tensor | None,
     block_fn: BlockFn,
     writes_kv: bool = False,
+    reads_pool: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Integrate the trunk: N_b Euler steps per row, paged KV in and out.
 
@@ -283,12 +291,19 @@ def run_trunk(
       * `writes_kv=True` (eager torch): `block_fn` also takes a `KVWrite`
         hook that scatters the new keys and values first and gathers the
         window holding past and new tokens once, so the past is copied once
-        per block instead of twice (gather + concatenate).
+        per block instead of twice (gather + concatenate);
+      * `reads_pool=True` (compiled decode, runtime/backends/aot_decode.py):
+        `block_fn(k, x, h, window, positions, setting)` gets the row's past
+        pages `window` (R, P) and its positions (R, T) instead of a dense
+        past and a mask, reads the pool itself (gather, mask and block fused
+        in one compiled graph) and returns the new keys and values, which
+        the loop scatters into the pages.
 
     Args:
         x: (B, T, d) embedded tokens; positions: (B, T); steps: (B,).
         kv: paged cache view or None; experts: (B,) setting per row or None.
         writes_kv: `block_fn` accepts the `kv_write` hook (see above).
+        reads_pool: `block_fn` reads the pool itself (see above); needs `kv`.
 
     Returns:
         x (B, T, d) after the trunk, the summed aux loss and expert counts.
@@ -297,11 +312,16 @@ def run_trunk(
     B, T = positions.shape
     device = x.device
     h_all = (c.horizon / steps.to(x.dtype)).view(B, 1, 1)  # (B, 1, 1) Euler step per row
-    fused = kv is not None and writes_kv
+    if reads_pool and kv is None:
+        raise ValueError("reads_pool: needs a KV cache view")
+    fused = kv is not None and writes_kv and not reads_pool
     page_size = kv.pool.page_size if kv is not None else 0
     if kv is not None:
-        slot_page = positions // page_size  # (B, T)
-        slot_off = positions % page_size
+        tables = kv.block_tables  # (B, N_max, P_max)
+        # Flat slots of the new tokens at every step, in one gather: (N_max, B, T).
+        # Entries for steps a row does not run (page -1) are never read.
+        pages = tables.gather(2, (positions // page_size)[:, None, :].expand(B, tables.shape[1], T))
+        slots_all = (pages * page_size + (positions % page_size)[:, None, :]).transpose(0, 1)
     if fused:
         # The window: pages covering the furthest new token of any row.
         P = -(-(int(positions[:, -1].max()) + 1) // page_size)
@@ -310,7 +330,11 @@ def run_trunk(
     else:
         past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long, device=device)
         P = -(-int(past_len.max()) // page_size) if kv is not None else 0  # pages covering the longest past
-        mask_all = attention_mask(past_len, P * page_size, T)  # (B, 1, T, S+T)
+        # The pool-reading executor builds its mask from the positions itself.
+        mask_all = None if reads_pool else attention_mask(past_len, P * page_size, T)  # (B, 1, T, S+T)
+    if kv is not None:
+        windows = tables[:, :, :P].transpose(0, 1).contiguous()  # (N_max, B, P) pages each step reads
+    pending: list[tuple[Tensor, Tensor, Tensor]] = []  # reads_pool: (slots, k, v) scattered at the end
 
     aux_total: Tensor | None = None
     counts_total: Tensor | None = None
@@ -332,19 +356,22 @@ def run_trunk(
                 rows = None if bool(sel.all()) else sel.nonzero().squeeze(1)  # (R,)
             xr = x if rows is None else x[rows]
             hr = h_all if rows is None else h_all[rows]
-            mr = mask_all if rows is None else mask_all[rows]
+            mr = mask_all if (mask_all is None or rows is None) else mask_all[rows]
             sr = experts if (experts is None or rows is None) else experts[rows]
             if kv is None:
                 empty = xr.new_zeros(xr.shape[0], c.n_heads, 0, c.head_dim)
                 out = block_fn(k, xr, hr, empty, empty, mr, sr)
             else:
-                table = kv.block_tables[:, i] if rows is None else kv.block_tables[rows, i]  # (R, P_max)
-                sp = slot_page if rows is None else slot_page[rows]
-                so = slot_off if rows is None else slot_off[rows]
-                slots = table.gather(1, sp) * page_size + so  # (R, T) flat slots of the new tokens
-                window = table[:, :P].contiguous()  # (R, P) pages the block reads
+                slots = slots_all[i] if rows is None else slots_all[i, rows]  # (R, T) flat slots
+                window = windows[i] if rows is None else windows[i, rows]  # (R, P) pages the block reads
                 if fused:
                     out = block_fn(k, xr, hr, no_past, no_past, mr, sr, _kv_hook(kv, window, slots))
+                elif reads_pool:
+                    pr = positions if rows is None else positions[rows]
+                    out = block_fn(k, xr, hr, window, pr, sr)
+                    # Step i reads only its own pages, which hold the past: every
+                    # step's new keys and values can go into the pool in one write.
+                    pending.append((slots, out.k, out.v))
                 else:
                     past_k, past_v = kv.pool.gather(window)  # (R, nh, S', hs)
                     out = block_fn(k, xr, hr, past_k, past_v, mr, sr)
@@ -354,6 +381,12 @@ def run_trunk(
                 aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
             if out.counts is not None:
                 counts_total = out.counts if counts_total is None else counts_total + out.counts
+    if pending:
+        assert kv is not None
+        if len(pending) == 1:
+            kv.pool.scatter(*pending[0])
+        else:
+            kv.pool.scatter(*(torch.cat(parts) for parts in zip(*pending)))
     return x, aux_total, counts_total
 
 

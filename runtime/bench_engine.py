@@ -104,13 +104,15 @@ def _build_engine(
     ec = EngineConfig(
         kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
     )
+    compiled = backend == "torch" and bool(getattr(args, "compile", False))
     if args.model_dir:
-        return Engine.from_model_dir(args.model_dir, ec, backend=backend)
+        kwargs = {"compile": True} if compiled else {}
+        return Engine.from_model_dir(args.model_dir, ec, backend=backend, **kwargs)
     from models.model import LeanLM
     from runtime.backends.torch_backend import TorchBackend
 
     torch.manual_seed(0)
-    return Engine(TorchBackend(LeanLM(config).eval()), _StubTokenizer(), ec)  # type: ignore[arg-type]
+    return Engine(TorchBackend(LeanLM(config).eval(), compile=compiled), _StubTokenizer(), ec)  # type: ignore[arg-type]
 
 
 @dataclass

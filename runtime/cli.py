@@ -244,6 +244,11 @@ def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers GPT-2 comparison")
     p.add_argument("--onnx", action="store_true", help="also compare ONNX Runtime with torch (needs export)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch backend with AOT-compiled decode steps (cached after the first run)",
+    )
     p.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -347,6 +352,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-steps", type=int, help="engine: default step count")
     p.add_argument("--slo-target-itl-ms", type=float, help="engine: adapt default steps to this ITL")
     p.add_argument("--threads", type=int, help="torch threads per replica")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch backend: AOT-compiled decode steps (~20 s on first use per model shape, then cached)",
+    )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
 
 

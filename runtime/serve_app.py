@@ -75,6 +75,9 @@ class ServeArgs:
         model_dir: model directory (default: the demo model models/zoo/ode-tiny).
         backend: "torch" or "onnx".
         device: torch device of the torch backend.
+        compile: torch backend only: run decode steps as AOTInductor-compiled
+            graphs (runtime/backends/aot_decode.py; compiled on first use,
+            cached in $LEANSERVE_CACHE or ~/.cache/leanserve).
         threads: torch intra-op threads per replica (None = torch's default).
         startup_timeout_s: bound on loading and warming up the model.
         engine: `EngineConfig` fields (kv_cache_bytes, max_batch_size,
@@ -85,6 +88,7 @@ class ServeArgs:
     model_dir: str | None = None
     backend: str = "torch"
     device: str = "cpu"
+    compile: bool = False
     threads: int | None = None
     startup_timeout_s: float = 300.0
     stream_interval: int = 1
@@ -118,6 +122,10 @@ class ServeArgs:
             raise ValueError(f"unknown deployment option(s) {bad}; allowed: {list(DEPLOYMENT_OPTIONS)}")
         out = cls(**args, engine=engine)
         EngineConfig(**out.engine)  # type errors surface here, in the driver, not in a replica
+        if not isinstance(out.compile, bool):
+            raise ValueError(f"compile={out.compile!r} must be true or false")
+        if out.compile and out.backend != "torch":
+            raise ValueError(f"compile=true needs backend=torch (got backend={out.backend!r})")
         if out.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={out.startup_timeout_s} must be > 0")
         if not isinstance(out.stream_interval, int) or out.stream_interval < 1:
@@ -156,7 +164,7 @@ class LeanServer:
             import torch
 
             torch.set_num_threads(a.threads)
-        kwargs = {"device": a.device} if a.backend == "torch" else {}
+        kwargs = {"device": a.device, "compile": a.compile} if a.backend == "torch" else {}
         # Loading reads weights from disk: keep the replica's event loop free meanwhile.
         engine = await asyncio.to_thread(
             Engine.from_model_dir, model_dir, EngineConfig(**a.engine), a.backend, **kwargs

@@ -151,6 +151,8 @@ def _app_args(args: Any) -> dict[str, Any]:
         cfg["model_dir"] = args.model_dir
     if args.threads:
         cfg["threads"] = args.threads
+    if args.compile:
+        cfg["compile"] = True
     engine = dict(cfg.pop("engine", None) or {})
     for flag in ("max_batch_size", "max_waiting", "kv_cache_bytes", "default_steps", "slo_target_itl_ms"):
         if getattr(args, flag) is not None:

@@ -155,6 +155,11 @@ def test_builder_args_are_validated_before_ray():
         ServeArgs.from_dict({"deployment": {"replicas": 2}})
     with pytest.raises(ValueError, match="stream_interval"):
         ServeArgs.from_dict({"stream_interval": 0})
+    assert ServeArgs.from_dict({"compile": True}).compile is True
+    with pytest.raises(ValueError, match="compile=true needs backend=torch"):
+        ServeArgs.from_dict({"compile": True, "backend": "onnx"})
+    with pytest.raises(ValueError, match="compile='yes' must be true or false"):
+        ServeArgs.from_dict({"compile": "yes"})
 
 
 def _delta(i: int, n: int) -> RequestOutput:

@@ -17,7 +17,7 @@ def _args(**kw) -> argparse.Namespace:
     base = dict(
         config=None, grpc_port=None, http_port=None, model_dir=None, threads=None, replicas=None,
         max_batch_size=None, max_waiting=None, kv_cache_bytes=None, default_steps=None,
-        slo_target_itl_ms=None,
+        slo_target_itl_ms=None, compile=False,
     )  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
@@ -47,3 +47,5 @@ def test_serve_config_application_args_and_flag_overrides():
     assert cfg["engine"]["max_batch_size"] == 4
     assert cfg["engine"]["page_size"] == 16  # from the file
     assert "grpc_options" not in cfg and "http_options" not in cfg
+    assert "compile" not in cfg
+    assert _app_args(_args(config=str(SERVE_CONFIG), compile=True))["compile"] is True

@@ -1,0 +1,306 @@
+"""Ahead-of-time compiled decode steps for the torch backend (torch.export + AOTInductor).
+
+Why: at the widths this project serves on CPU, one eager block application
+at decode is ~60 small aten operators (norms, views, the paged gather, the
+mask, attention, residuals), so it is bound by per-operator dispatch, not by
+arithmetic: ~160 us per block at batch 1 for stack-tiny, of which the four
+matmuls are a small part. Compiled, the same block is a handful of fused C++
+loops around the matmuls and attention: ~40 us at batch 1 (4x), ~235 vs ~500 us
+at batch 16 (numbers in the issue notes; `leanserve bench engine --compile`).
+
+What is compiled: one *decode step* of one block (T = 1 new token per row),
+from the paged pool to the new residual stream:
+
+    gather the row's past pages from the pool -> dense past (R, nh, S, hs)
+    mask: past key j visible iff j < the row's position; the new key always
+    block (models/layers.py, dense-past form) -> x_out, k_new, v_new
+
+The loop around it stays in Python (`models.model.run_trunk` with
+`reads_pool=True`): per-row step counts, which rows run which block at step
+i, the step size h, and the scatter of the new keys and values into the
+pages (a graph that wrote into the pool would have to copy the whole pool,
+since torch.export functionalises input mutation). So one compiled artifact
+serves every step count, batch size and cache length: rows R and pages P are
+symbolic (`torch.export.Dim`), and the weights are graph *inputs*, so the
+blocks of one structure (same parameter names and shapes) share one artifact,
+and a retrained model of the same architecture reuses it.
+
+Prefill (T > 1) stays eager: it runs once per request and is matmul-bound.
+
+Conditional FFNs: the sort-based expert dispatch of models/ffn.py does a host
+sync per block, which a compiled graph cannot. `_RoutedMoE` below routes each
+token to its top-k experts with data-dependent (unbacked) sizes inside the
+graph: per expert, the assignments routed to it are selected with `nonzero`,
+run through that expert only, and added back. Tree FFNs are not compiled (the
+backend refuses `compile=True` for them with a clear error).
+
+Artifacts are cached on disk (`cache_dir`, default `$LEANSERVE_CACHE` or
+`~/.cache/leanserve`) under a key of the block structure, the architecture
+fields of the config, dtype, torch version, Python version, machine and torch
+thread count, since AOTInductor output is native code for exactly that
+combination (parallel loops only when compiled with more than one thread). A first
+compile takes ~20 s per structure on a 2-vCPU machine; loading a cached one
+takes well under a second.
+
+Shape legend:
+    R | rows in the step   P | pages in the row's past window   S | P * page_size
+    d | model width        nh, hs | heads, head size              E | experts
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.export import config_hash
+from models.ffn import FFNOut, MoEFFN
+from models.layers import Block, BlockOut
+from models.model import LeanLM
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "LEANSERVE_CACHE"
+ARTIFACT_FORMAT = 3
+COMPILABLE_FFNS = ("dense", "moe")
+
+
+def default_cache_dir() -> Path:
+    """`$LEANSERVE_CACHE`, else `~/.cache/leanserve`."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "leanserve"
+
+
+class _RoutedMoE(nn.Module):
+    """`MoEFFN` in a form torch.export can trace, still conditional.
+
+    Same routing and result as `MoEFFN.forward`: top-k experts per token,
+    weights renormalised over the kept ones (`setting` = k per token), and
+    only the routed assignments go through an expert. The group sizes are
+    data-dependent (unbacked) inside the graph instead of a host-side list.
+    """
+
+    def __init__(self, moe: MoEFFN) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: Tensor, setting: Tensor | None = None) -> FFNOut:
+        """x (M, d), setting (M,) or None -> y (M, d), counts (E,)."""
+        m = self.moe
+        M, E, K = x.shape[0], m.n_experts, m.top_k
+        _, weights, top_i, keep = m.route(x, setting)  # weights (M, K), 0 where dropped
+        token = torch.arange(M, device=x.device)[:, None].expand(M, K).reshape(-1)  # (M*K,)
+        expert = torch.where(keep, top_i, E).reshape(-1)  # (M*K,) E = dropped
+        w = weights.reshape(-1)  # (M*K,)
+        y = torch.zeros_like(x)
+        for e in range(E):
+            sel = (expert == e).nonzero().squeeze(1)  # (A_e,) unbacked size
+            tok = token[sel]
+            hid = m.act(x[tok] @ m.w_up[e])  # (A_e, f)
+            y = y.index_add(0, tok, (hid @ m.w_down[e]) * w[sel, None])
+        counts = torch.stack([(expert == e).sum() for e in range(E)])  # (E,)
+        return FFNOut(y, counts, None)
+
+
+class DecodeStep(nn.Module):
+    """One block's decode step from the paged pool; weights are inputs (see module docstring)."""
+
+    def __init__(self, block: Block, config: ModelConfig) -> None:
+        super().__init__()
+        blk = copy.copy(block)
+        blk._modules = dict(block._modules)  # copy.copy shares the dict; leave the model's block alone
+        if config.ffn == "moe":
+            blk._modules["ffn"] = _RoutedMoE(block.ffn)
+        self.block = blk
+        self.param_names = [name for name, _ in blk.named_parameters()]  # same order as block.parameters()
+        self.nh, self.hs = config.n_heads, config.head_dim
+        self.has_setting = config.ffn != "dense"
+
+    def forward(
+        self,
+        x: Tensor,
+        h: Tensor,
+        pool_k: Tensor,
+        pool_v: Tensor,
+        window: Tensor,
+        positions: Tensor,
+        setting: Tensor,
+        *params: Tensor,
+    ) -> tuple[Tensor, ...]:
+        """One Euler step of the block for one new token per row.
+
+        Args:
+            x: (R, 1, d) residual stream; h: (R, 1, 1) step size.
+            pool_k, pool_v: (pages, page_size, nh, hs) the whole KV pool.
+            window: (R, P) page ids of the row's past (-1 = none, masked).
+            positions: (R, 1) the new token's position = the row's past length.
+            setting: (R,) experts top-k per row (ignored by a dense FFN).
+            *params: the block's parameters in `param_names` order.
+
+        Returns:
+            x_out (R, 1, d), k_new and v_new (R, nh, 1, hs), and for MoE the
+            routed-token counts (E,).
+        """
+        R, P = window.shape
+        S = P * pool_k.shape[1]
+        flat = window.clamp(min=0).reshape(-1)  # (R * P,)
+        past_k = pool_k.index_select(0, flat).view(R, S, self.nh, self.hs).transpose(1, 2)  # (R, nh, S, hs)
+        past_v = pool_v.index_select(0, flat).view(R, S, self.nh, self.hs).transpose(1, 2)
+        keys = torch.arange(S, device=x.device)
+        past_mask = keys[None, :] < positions  # (R, S)
+        mask = torch.cat([past_mask, torch.ones_like(positions, dtype=torch.bool)], dim=1)  # (R, S + 1)
+        weights = dict(zip(self.param_names, params))
+        out: BlockOut = torch.func.functional_call(
+            self.block,
+            weights,
+            (x, h, past_k, past_v, mask[:, None, None, :], setting if self.has_setting else None),
+        )
+        if self.has_setting:
+            return out.x, out.k, out.v, out.counts
+        return out.x, out.k, out.v
+
+
+def structure_key(block: Block, config: ModelConfig, dtype: torch.dtype) -> str:
+    """Cache key of a block's compiled decode step (see the module docstring)."""
+    data = {
+        "format": ARTIFACT_FORMAT,
+        "config": config_hash(config),
+        "params": [(n, list(p.shape)) for n, p in block.named_parameters()],
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        # Inductor emits OpenMP loops only when compiling with more than one thread.
+        "threads": torch.get_num_threads(),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _example_inputs(block: Block, config: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    # Sizes avoid 0 and 1 so that torch.export keeps every dynamic axis symbolic.
+    R, P, d, page = 2, 2, config.d_model, 4
+    pool = tuple(torch.zeros(3, page, config.n_heads, config.head_dim, dtype=dtype) for _ in range(2))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(R, 1, d, generator=g, dtype=dtype)
+    h = torch.full((R, 1, 1), 0.5, dtype=dtype)
+    window = torch.zeros(R, P, dtype=torch.long)
+    positions = torch.full((R, 1), P * page - 1, dtype=torch.long)
+    top = config.experts_top_k if config.ffn == "moe" else 0
+    setting = torch.full((R,), top, dtype=torch.long)
+    return (x, h, *pool, window, positions, setting, *(p.detach() for p in block.parameters()))
+
+
+def compile_step(block: Block, config: ModelConfig, dtype: torch.dtype, path: Path) -> None:
+    """Export one block's decode step with symbolic rows, pages and page size; AOT-compile it to `path`."""
+    from torch.export import Dim
+
+    step = DecodeStep(block, config).eval()
+    args = _example_inputs(block, config, dtype)
+    R, P = Dim("R", min=1, max=1 << 16), Dim("P", min=1, max=max(2, config.context_length))
+    pages, page = Dim("pages", min=1), Dim("page", min=1, max=max(2, config.context_length))
+    dynamic: list[Any] = [
+        {0: R},  # x
+        {0: R},  # h
+        {0: pages, 1: page},  # pool_k
+        {0: pages, 1: page},  # pool_v
+        {0: R, 1: P},  # window
+        {0: R},  # positions
+        {0: R},  # setting
+    ]
+    dynamic.append(tuple([None] * (len(args) - len(dynamic))))  # *params: weights have static shapes
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter
+        program = torch.export.export(step, args, dynamic_shapes=tuple(dynamic), strict=False)
+        # Core-ATen decompositions turn attention into bmm/softmax, which inductor
+        # fuses; left whole, it becomes the CPU flash kernel (~70 us per call at
+        # one query per row and a few dozen keys).
+        program = program.run_decompositions()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Compile to a temporary name and rename: a concurrent loader never sees half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+        os.close(fd)
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class CompiledDecode:
+    """The compiled decode steps of one model: `run_block` is `run_trunk`'s `reads_pool` executor."""
+
+    def __init__(self, model: LeanLM, cache_dir: Path | None = None) -> None:
+        """Load (or compile and cache) the decode step of every distinct block structure.
+
+        Args:
+            model: the model (eval mode; its parameters are passed to the graphs,
+                and the KV pool must have their dtype).
+            cache_dir: artifact cache (default `default_cache_dir()`).
+
+        Raises:
+            ValueError: the model's FFN cannot be compiled (names `compile` and the FFN).
+        """
+        c = model.config
+        if c.ffn not in COMPILABLE_FFNS:
+            raise ValueError(
+                f"compile: the compiled decode path supports ffn in {COMPILABLE_FFNS}, this model has "
+                f"ffn={c.ffn!r}; run it without compile"
+            )
+        self.config = c
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        dtype = next(model.parameters()).dtype
+        self._runners: dict[str, Any] = {}
+        self._blocks: list[tuple[str, list[Tensor]]] = []
+        self.compiled: list[str] = []  # keys compiled by this process (the rest came from the cache)
+        for block in model.blocks:
+            key = structure_key(block, c, dtype)
+            if key not in self._runners:
+                path = self.cache_dir / "aot" / f"decode-step-{key}.pt2"
+                if not path.is_file():
+                    t0 = time.perf_counter()
+                    log.info("compiling the decode step of %s (first use; cached in %s)", c.name, path)
+                    compile_step(block, c, dtype, path)
+                    log.info("compiled in %.1f s", time.perf_counter() - t0)
+                    self.compiled.append(key)
+                # The package's Python wrapper re-parses its call spec (JSON) and
+                # pytree-flattens every call (~20 us); the inputs are already a flat
+                # tensor list in the exported order, so call the loader directly.
+                self._runners[key] = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+            self._blocks.append((key, [p.detach() for p in block.parameters()]))
+        self._default_settings: dict[int, Tensor] = {}  # rows -> (R,) the trained maximum
+
+    def run_block(
+        self,
+        k: int,
+        pool: tuple[Tensor, Tensor],
+        x: Tensor,
+        h: Tensor,
+        window: Tensor,
+        positions: Tensor,
+        setting: Tensor | None,
+    ) -> BlockOut:
+        """Block `k`'s decode step: x (R, 1, d), h (R, 1, 1), window (R, P), positions (R, 1)."""
+        key, params = self._blocks[k]
+        R = x.shape[0]
+        if setting is None:  # the graph takes a (R,) setting; a dense FFN ignores it
+            setting = self._default_settings.get(R)
+            if setting is None:
+                top = self.config.experts_top_k if self.config.ffn == "moe" else 0
+                setting = self._default_settings[R] = torch.full((R,), top, dtype=torch.long)
+        out = self._runners[key]([x, h, *pool, window, positions, setting, *params])
+        counts = out[3] if len(out) > 3 else None
+        return BlockOut(out[0], out[1], out[2], counts, None)

@@ -1,0 +1,176 @@
+"""Compiled decode steps (runtime/backends/aot_decode.py) against the eager model.
+
+Two tiny models cover what changes the compiled graph: a prenorm + dense stack
+(three blocks of one structure: one artifact) and a shared sasp + MoE ODE
+trunk (experts routed inside the graph with data-dependent sizes). Each is
+compiled once per module into a temporary cache (~10-20 s each).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.kv_cache import PagedKVCache
+from models.model import LeanLM, run_trunk
+from runtime.backends.aot_decode import CompiledDecode
+from runtime.backends.torch_backend import TorchBackend
+from tests.helpers import perturbed_model, tiny_config
+
+TOL = 1e-4  # float32 both sides; fused kernels sum in a different order (~1e-6 in practice)
+
+CONFIGS = {
+    "stack-prenorm-dense": dict(trunk="stack", block="prenorm", ffn="dense"),
+    "ode-sasp-moe": dict(trunk="ode", block="sasp", ffn="moe"),
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("aot-cache")
+
+
+@pytest.fixture(scope="module")
+def compiled(cache_dir) -> dict[str, tuple[LeanLM, TorchBackend]]:
+    out = {}
+    for name, overrides in CONFIGS.items():
+        model = perturbed_model(tiny_config(**overrides))
+        out[name] = (model, TorchBackend(model, compile=True, cache_dir=cache_dir))
+    return out
+
+
+@pytest.fixture(params=list(CONFIGS))
+def case(request, compiled):
+    return compiled[request.param]
+
+
+def test_one_artifact_per_block_structure(compiled, cache_dir) -> None:
+    model, backend = compiled["stack-prenorm-dense"]
+    assert model.config.n_blocks == 3 and backend.name == "torch-aot"
+    assert len(set(key for key, _ in backend.compiled._blocks)) == 1
+    assert len(list((cache_dir / "aot").glob("decode-step-*.pt2"))) == len(CONFIGS)
+
+
+def test_second_load_comes_from_the_cache(compiled, cache_dir) -> None:
+    model, _ = compiled["ode-sasp-moe"]
+    again = CompiledDecode(model, cache_dir)
+    assert again.compiled == []  # nothing compiled: loaded from disk
+
+
+@torch.no_grad()
+def test_decode_matches_eager_with_mixed_steps_and_experts(case) -> None:
+    """Prefill (eager in both) then 9 decode steps of 3 rows with different past lengths,
+    step counts and expert settings; crosses page boundaries (page_size 4), so the
+    window grows from 1 page. Logits, expert counts, greedy tokens and the KV pool agree."""
+    model, backend = case
+    c = model.config
+    lo, hi = c.step_range
+    steps = torch.tensor([hi, lo, (lo + hi) // 2])
+    options = next(iter(c.expert_options.values()), None)
+    experts = None if options is None else torch.tensor([options[0], options[-1], options[0]])
+    prompts = [[5, 17, 42], [8], [63, 1, 2, 3, 4, 5]]
+    caches = {}
+    for name, forward in (("eager", model), ("aot", backend.forward)):
+        cache = PagedKVCache(c, num_pages=64, page_size=4)
+        for b, p in enumerate(prompts):
+            cache.reserve(b, int(steps[b]), len(p) + 10)
+            sel = slice(b, b + 1)
+            forward(
+                torch.tensor([p]),
+                torch.arange(len(p))[None],
+                steps[sel],
+                kv=cache.batch([b]),
+                experts=None if experts is None else experts[sel],
+                last_only=True,
+            )
+        caches[name] = cache
+    cur = torch.tensor([[3], [9], [27]])
+    pos = torch.tensor([[len(p)] for p in prompts])
+    for _ in range(9):
+        ref = model(cur, pos, steps, kv=caches["eager"].batch([0, 1, 2]), experts=experts, last_only=True)
+        got = backend.forward(cur, pos, steps, caches["aot"].batch([0, 1, 2]), experts, True)
+        assert float((ref.logits - got.logits).abs().max()) <= TOL
+        if ref.expert_counts is None:
+            assert got.expert_counts is None
+        else:
+            assert torch.equal(ref.expert_counts, got.expert_counts)
+        nxt = ref.logits[:, -1].argmax(-1, keepdim=True)
+        assert torch.equal(nxt, got.logits[:, -1].argmax(-1, keepdim=True))
+        cur, pos = nxt, pos + 1
+    assert torch.allclose(caches["eager"].k, caches["aot"].k, atol=TOL)
+    assert torch.allclose(caches["eager"].v, caches["aot"].v, atol=TOL)
+
+
+@torch.no_grad()
+def test_single_row_single_page(case) -> None:
+    """R = 1 and P = 1: the sizes torch.export would specialise if the graph let it."""
+    model, backend = case
+    c = model.config
+    n = int(c.min_steps)
+    outs = []
+    for forward in (model, backend.forward):
+        cache = PagedKVCache(c, num_pages=8, page_size=16)
+        cache.reserve(0, n, 8)
+        step = torch.tensor([n])
+        forward(
+            torch.tensor([[4, 5]]),
+            torch.arange(2)[None],
+            step,
+            kv=cache.batch([0]),
+            experts=None,
+            last_only=True,
+        )
+        out = forward(
+            torch.tensor([[6]]), torch.tensor([[2]]), step, kv=cache.batch([0]), experts=None, last_only=True
+        )
+        outs.append(out.logits)
+    assert float((outs[0] - outs[1]).abs().max()) <= TOL
+
+
+def test_tree_ffn_is_refused_by_name(cache_dir) -> None:
+    model = perturbed_model(tiny_config(trunk="ode", block="sas", ffn="tree"))
+    with pytest.raises(ValueError, match="compile.*ffn='tree'"):
+        TorchBackend(model, compile=True, cache_dir=cache_dir)
+
+
+def test_reads_pool_needs_a_cache() -> None:
+    model = perturbed_model(tiny_config())
+    x = torch.zeros(1, 1, model.config.d_model)
+    with pytest.raises(ValueError, match="reads_pool"):
+        run_trunk(
+            model.config,
+            x,
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.tensor([3]),
+            None,
+            None,
+            None,
+            reads_pool=True,
+        )  # type: ignore[arg-type]
+
+
+def test_engine_with_compiled_decode_gives_the_eager_tokens(tokenizer, arun, cache_dir) -> None:
+    """Concurrent requests with different step counts and expert settings through the
+    engine: the compiled backend yields exactly the eager backend's greedy tokens and text."""
+    from runtime.engine import Engine, EngineConfig
+    from tests.runtime.conftest import tiny_model_config
+    from tests.runtime.test_engine import req, run_batched
+
+    model = perturbed_model(tiny_model_config(tokenizer.get_vocab_size(), "moe"))
+    settings = dict(kv_cache_bytes=2**20, page_size=8, max_batch_size=16, max_waiting=32)
+    requests = [
+        req("a", steps=2, max_tokens=10),
+        req("b", prompt="In the beginning", steps=6, max_tokens=14, experts_top_k=1),
+        req("c", prompt="every row", steps=4, max_tokens=7),
+    ]
+    results = {}
+    for compiled in (False, True):
+        backend = TorchBackend(model, compile=compiled, cache_dir=cache_dir)
+        engine = Engine(backend, tokenizer, EngineConfig(**settings))
+        results[compiled] = arun(run_batched(engine, requests))
+        assert engine.stats().kv_used_bytes == 0
+    assert [r[1] for r in results[True]] == [r[1] for r in results[False]]
+    assert [r[0] for r in results[True]] == [r[0] for r in results[False]]
+    assert [len(r[1]) for r in results[True]] == [10, 14, 7]
