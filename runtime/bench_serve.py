@@ -61,7 +61,7 @@ class Samples:
     unary_tokens: list[int] = field(default_factory=list)  # completion tokens of each unary response
 
 
-def _bare_worker(conn: Any, model_dir: str, engine_args: dict[str, Any], threads: int) -> None:
+def _bare_worker(conn: Any, model_dir: str, engine_args: dict[str, Any], threads: int, compile: bool) -> None:
     """Subprocess body: the bare engine, one timed request per `(steps, new_tokens, prompt)` received.
 
     It runs in a process of its own because an in-process Ray driver slowed the
@@ -71,7 +71,7 @@ def _bare_worker(conn: Any, model_dir: str, engine_args: dict[str, Any], threads
     from runtime.types import ComputeParams, GenerationRequest, SamplingParams
 
     torch.set_num_threads(threads)
-    engine = Engine.from_model_dir(model_dir, EngineConfig(**engine_args))
+    engine = Engine.from_model_dir(model_dir, EngineConfig(**engine_args), compile=compile)
 
     async def serve() -> None:
         await engine.start()
@@ -99,11 +99,13 @@ def _bare_worker(conn: Any, model_dir: str, engine_args: dict[str, Any], threads
 class BareEngine:
     """The bare engine in a spawned subprocess (no Ray there); `run()` times one request."""
 
-    def __init__(self, model_dir: str, engine_args: dict[str, Any], threads: int) -> None:
+    def __init__(
+        self, model_dir: str, engine_args: dict[str, Any], threads: int, compile: bool = False
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_bare_worker, args=(child, model_dir, engine_args, threads), daemon=True
+            target=_bare_worker, args=(child, model_dir, engine_args, threads, compile), daemon=True
         )
         self._proc.start()
 
@@ -212,10 +214,12 @@ def main(args: Any) -> int:
     engine_args = {"max_batch_size": 4, "max_waiting": 8, "kv_cache_bytes": 64 * 2**20}
     print(
         f"{model_dir}: {args.runs} paired rounds of {args.new_tokens} tokens at steps={args.steps}, "
-        f"{threads} torch threads"
+        f"{threads} torch threads" + (", compiled decode" if args.compile else "")
     )
     port = args.port
-    bare = BareEngine(model_dir, engine_args, threads)
+    # With --compile the bare engine compiles first (or loads the cache); the replica,
+    # started later with the same thread count, then loads the same artifact.
+    bare = BareEngine(model_dir, engine_args, threads, args.compile)
     # Reference only: the same engine before any Ray process exists (no background load at all).
     without_ray = [bare.run(args.steps, args.new_tokens) for _ in range(WARMUP + args.runs)][WARMUP:]
     temp_dir = tempfile.mkdtemp(prefix="leanserve-bench-")
@@ -226,6 +230,7 @@ def main(args: Any) -> int:
             "threads": threads,
             "engine": engine_args,
             "stream_interval": args.stream_interval,
+            "compile": args.compile,
         }
         deploy(app, timeout_s=300)
         client = Client(f"127.0.0.1:{port}")

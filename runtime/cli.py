@@ -261,6 +261,7 @@ def _add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-interval", type=int, default=1, help="tokens per stream message (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in engine and replica")
     p.add_argument("--port", type=int, default=9100, help="gRPC port of the Serve (+1 HTTP, +2 metrics)")
+    p.add_argument("--compile", action="store_true", help="AOT-compiled decode steps in both engines")
 
 
 _BENCHES = {
