@@ -104,7 +104,7 @@ def _build_engine(
     ec = EngineConfig(
         kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
     )
-    compiled = backend == "torch" and bool(getattr(args, "compile", False))
+    compiled = backend == "torch" and args.compile
     if args.model_dir:
         kwargs = {"compile": True} if compiled else {}
         return Engine.from_model_dir(args.model_dir, ec, backend=backend, **kwargs)

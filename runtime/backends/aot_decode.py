@@ -39,8 +39,8 @@ Artifacts are cached on disk (`cache_dir`, default `$LEANSERVE_CACHE` or
 fields of the config, dtype, torch version, Python version, machine and torch
 thread count, since AOTInductor output is native code for exactly that
 combination (parallel loops only when compiled with more than one thread). A first
-compile takes ~20 s per structure on a 2-vCPU machine; loading a cached one
-takes well under a second.
+compile takes ~15 s per structure on one core of a 2-vCPU machine; loading a
+cached one ~2 s.
 
 Shape legend:
     R | rows in the step   P | pages in the row's past window   S | P * page_size
@@ -189,6 +189,11 @@ def structure_key(block: Block, config: ModelConfig, dtype: torch.dtype) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def full_setting(config: ModelConfig) -> int:
+    """The graph's `setting` when a row gives none: the trained top-k (a dense FFN ignores it)."""
+    return config.experts_top_k if config.ffn == "moe" else 0
+
+
 def _example_inputs(block: Block, config: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, ...]:
     # Sizes avoid 0 and 1 so that torch.export keeps every dynamic axis symbolic.
     R, P, d, page = 2, 2, config.d_model, 4
@@ -198,8 +203,7 @@ def _example_inputs(block: Block, config: ModelConfig, dtype: torch.dtype) -> tu
     h = torch.full((R, 1, 1), 0.5, dtype=dtype)
     window = torch.zeros(R, P, dtype=torch.long)
     positions = torch.full((R, 1), P * page - 1, dtype=torch.long)
-    top = config.experts_top_k if config.ffn == "moe" else 0
-    setting = torch.full((R,), top, dtype=torch.long)
+    setting = torch.full((R,), full_setting(config), dtype=torch.long)
     return (x, h, *pool, window, positions, setting, *(p.detach() for p in block.parameters()))
 
 
@@ -263,10 +267,10 @@ class CompiledDecode:
             )
         self.config = c
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        dtype = next(model.parameters()).dtype
+        self.dtype = dtype = next(model.parameters()).dtype  # the KV pool must match
         self._runners: dict[str, Any] = {}
         self._blocks: list[tuple[str, list[Tensor]]] = []
-        self.compiled: list[str] = []  # keys compiled by this process (the rest came from the cache)
+        self.compiled_keys: list[str] = []  # compiled by this process (the rest came from the cache)
         for block in model.blocks:
             key = structure_key(block, c, dtype)
             if key not in self._runners:
@@ -276,7 +280,7 @@ class CompiledDecode:
                     log.info("compiling the decode step of %s (first use; cached in %s)", c.name, path)
                     compile_step(block, c, dtype, path)
                     log.info("compiled in %.1f s", time.perf_counter() - t0)
-                    self.compiled.append(key)
+                    self.compiled_keys.append(key)
                 # The package's Python wrapper re-parses its call spec (JSON) and
                 # pytree-flattens every call (~20 us); the inputs are already a flat
                 # tensor list in the exported order, so call the loader directly.
@@ -300,8 +304,8 @@ class CompiledDecode:
         if setting is None:  # the graph takes a (R,) setting; a dense FFN ignores it
             setting = self._default_settings.get(R)
             if setting is None:
-                top = self.config.experts_top_k if self.config.ffn == "moe" else 0
-                setting = self._default_settings[R] = torch.full((R,), top, dtype=torch.long)
+                setting = torch.full((R,), full_setting(self.config), dtype=torch.long)
+                self._default_settings[R] = setting
         out = self._runners[key]([x, h, *pool, window, positions, setting, *params])
         counts = out[3] if len(out) > 3 else None
         return BlockOut(out[0], out[1], out[2], counts, None)

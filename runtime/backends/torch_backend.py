@@ -29,7 +29,7 @@ class TorchBackend:
         Args:
             model: the model (moved to eval mode here).
             compile: run decode steps as AOTInductor-compiled graphs (compiled
-                on first use per block structure, ~20 s each, then cached on
+                on first use per block structure, ~15 s each, then cached on
                 disk). Dense and MoE FFNs; a tree FFN raises ValueError.
             cache_dir: where compiled artifacts are kept (default
                 `$LEANSERVE_CACHE` or ~/.cache/leanserve).
@@ -83,9 +83,10 @@ class TorchBackend:
         m, c = self.model, self.config
         positions, steps = prepare_inputs(c, tokens, positions, steps, experts, kv)
         pool = (kv.pool.k, kv.pool.v)
-        if pool[0].dtype != next(m.parameters()).dtype:
+        if pool[0].dtype != self.compiled.dtype:
             raise ValueError(
-                f"KV pool dtype {pool[0].dtype} differs from the model's; compiled decode needs both equal"
+                f"KV pool dtype {pool[0].dtype} differs from the model's {self.compiled.dtype}; "
+                "compiled decode needs both equal"
             )
         run_block = self.compiled.run_block
 

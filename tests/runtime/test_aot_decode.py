@@ -56,7 +56,7 @@ def test_one_artifact_per_block_structure(compiled, cache_dir) -> None:
 def test_second_load_comes_from_the_cache(compiled, cache_dir) -> None:
     model, _ = compiled["ode-sasp-moe"]
     again = CompiledDecode(model, cache_dir)
-    assert again.compiled == []  # nothing compiled: loaded from disk
+    assert again.compiled_keys == []  # nothing compiled: loaded from disk
 
 
 @torch.no_grad()
