@@ -59,6 +59,13 @@ KVWrite = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 (R, nh, T, hs), writes them to the cache and returns the keys and values the
 queries attend over, each (R, nh, S', hs), laid out as the mask's last axis."""
 
+AttendFn = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""Attention executor that reads the cached past itself: takes the new queries,
+keys and values, each (R, nh, T, hs), and returns the softmax attention over
+[past, new] and the mean of the visible values (the SAS centring term), each
+(R, nh, T, hs). The compiled decode step passes one that reads the paged pool
+directly (runtime/backends/aot_decode.py `paged_attention`)."""
+
 
 def window_mask(positions: Tensor, S: int) -> Tensor:
     """Boolean mask over a cache window that already holds the new tokens.
@@ -117,7 +124,13 @@ class Attention(nn.Module):
         return t.view(R, T, self.nh, self.hs).transpose(1, 2)  # (R, nh, T, hs)
 
     def forward(
-        self, x: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor, kv_write: KVWrite | None = None
+        self,
+        x: Tensor,
+        past_k: Tensor,
+        past_v: Tensor,
+        mask: Tensor,
+        kv_write: KVWrite | None = None,
+        attend: AttendFn | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Attend over [past, new] keys.
 
@@ -128,6 +141,8 @@ class Attention(nn.Module):
             mask: (R, 1, T, S+T) bool from `attention_mask`, or with `kv_write`
                 (R, 1, T, S') from `window_mask`.
             kv_write: cache hook that stores the new k, v and returns the window.
+            attend: executor that reads the past itself; replaces the past
+                tensors, the mask and `kv_write`.
 
         Returns:
             out (R, T, d), and the new k, v, each (R, nh, T, hs), to cache.
@@ -139,18 +154,22 @@ class Attention(nn.Module):
         else:
             q, k, v = self.qkv(x).split(d, dim=-1)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (R, nh, T, hs)
-        if kv_write is not None:
-            k_all, v_all = kv_write(k, v)  # (R, nh, S', hs)
+        if attend is not None:
+            a, centred = attend(q, k, v)
         else:
-            k_all = torch.cat([past_k, k], dim=2)  # (R, nh, S+T, hs)
-            v_all = torch.cat([past_v, v], dim=2)
-        a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale)
+            if kv_write is not None:
+                k_all, v_all = kv_write(k, v)  # (R, nh, S', hs)
+            else:
+                k_all = torch.cat([past_k, k], dim=2)  # (R, nh, S+T, hs)
+                v_all = torch.cat([past_v, v], dim=2)
+            a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale)
+            if self.shaped:
+                # C V: the mean of the visible values, i.e. attention with uniform
+                # weights over the same mask; it works unchanged with a cache.
+                uniform = mask.to(x.dtype)
+                uniform = uniform / uniform.sum(-1, keepdim=True)  # (R, 1, T, S+T)
+                centred = uniform @ v_all  # (R, nh, T, hs)
         if self.shaped:
-            # C V: the mean of the visible values, i.e. attention with uniform
-            # weights over the same mask; it works unchanged with a cache.
-            uniform = mask.to(x.dtype)
-            uniform = uniform / uniform.sum(-1, keepdim=True)  # (R, 1, T, S+T)
-            centred = uniform @ v_all  # (R, nh, T, hs)
             a = (
                 self.beta.view(1, -1, 1, 1) * a
                 + self.alpha.view(1, -1, 1, 1) * v
@@ -204,6 +223,7 @@ class Block(nn.Module):
         mask: Tensor,
         setting: Tensor | None = None,
         kv_write: KVWrite | None = None,
+        attend: AttendFn | None = None,
     ) -> BlockOut:
         """One Euler step.
 
@@ -214,15 +234,17 @@ class Block(nn.Module):
             setting: (R,) experts top-k or tree depth per row, or None.
             kv_write: cache hook (see `Attention.forward`), which replaces the
                 past tensors and takes a `window_mask`.
+            attend: attention executor that reads the past itself (see
+                `Attention.forward`).
         """
         if self.parallel:
             n = self.norm1(x)
-            a, k, v = self.attn(n, past_k, past_v, mask, kv_write)
+            a, k, v = self.attn(n, past_k, past_v, mask, kv_write, attend)
             m, counts, aux = self._ffn(n, setting)
             if self.beta_sa is not None:
                 a, m = self.beta_sa * a, self.beta_ff * m
             return BlockOut(x + h * (a + m), k, v, counts, aux)
-        a, k, v = self.attn(self.norm1(x), past_k, past_v, mask, kv_write)
+        a, k, v = self.attn(self.norm1(x), past_k, past_v, mask, kv_write, attend)
         if self.beta_sa is not None:
             a = self.beta_sa * a
         x = x + h * a

@@ -119,10 +119,18 @@ class LeanLM(nn.Module):
         """tokens, positions (B, T) -> x (B, T, d): token plus learned position embedding."""
         return self.wte(tokens) + self.wpe(positions)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """x (B, T, d) after the trunk -> logits (B, T, V): final norm, head, 1/m_N."""
-        weight = self.wte.weight if self.head is None else self.head.weight
-        return (self.norm_f(x) @ weight.t()) * self.config.logit_mult  # CompleteP/muP output multiplier
+    def logits(self, x: Tensor, head_t: Tensor | None = None) -> Tensor:
+        """x (B, T, d) after the trunk -> logits (B, T, V): final norm, head, 1/m_N.
+
+        `head_t` is the output matrix as a (d, V) tensor when the caller keeps
+        a copy laid out for the matmul (the compiled decode path does); by
+        default the model's own (V, d) matrix, transposed as a view.
+        """
+        if head_t is None:
+            head_t = (self.wte.weight if self.head is None else self.head.weight).t()
+        out = self.norm_f(x) @ head_t
+        mult = self.config.logit_mult  # CompleteP/muP output multiplier
+        return out if mult == 1.0 else out * mult
 
     # ------------------------------------------------------------------
     @torch.no_grad()

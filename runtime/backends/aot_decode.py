@@ -5,15 +5,16 @@ at decode is ~60 small aten operators (norms, views, the paged gather, the
 mask, attention, residuals), so it is bound by per-operator dispatch, not by
 arithmetic: ~160 us per block at batch 1 for stack-tiny, of which the four
 matmuls are a small part. Compiled, the same block is a handful of fused C++
-loops around the matmuls and attention: ~40 us at batch 1 (4x), ~235 vs ~500 us
-at batch 16 (numbers in the issue notes; `leanserve bench engine --compile`).
+loops around the matmuls and attention: ~26 us at batch 1 (6x), ~135 vs ~500 us
+at batch 16 with 48-token pasts (issue notes; `leanserve bench engine --compile`).
 
 What is compiled: one *decode step* of one block (T = 1 new token per row),
 from the paged pool to the new residual stream:
 
-    gather the row's past pages from the pool -> dense past (R, nh, S, hs)
-    mask: past key j visible iff j < the row's position; the new key always
-    block (models/layers.py, dense-past form) -> x_out, k_new, v_new
+    block (models/layers.py) -> x_out, k_new, v_new, with its attention
+    computed by `paged_attention` straight from the pool: past key j of a
+    row is read through its page table, visible iff j < the row's position;
+    the new key is always visible
 
 The loop around it stays in Python (`models.model.run_trunk` with
 `reads_pool=True`): per-row step counts, which rows run which block at step
@@ -74,7 +75,7 @@ from models.model import LeanLM
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "LEANSERVE_CACHE"
-ARTIFACT_FORMAT = 3
+ARTIFACT_FORMAT = 4
 COMPILABLE_FFNS = ("dense", "moe")
 
 
@@ -113,6 +114,57 @@ class _RoutedMoE(nn.Module):
             y = y.index_add(0, tok, (hid @ m.w_down[e]) * w[sel, None])
         counts = torch.stack([(expert == e).sum() for e in range(E)])  # (E,)
         return FFNOut(y, counts, None)
+
+
+def paged_attention(
+    q: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    pool_k: Tensor,
+    pool_v: Tensor,
+    window: Tensor,
+    positions: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Decode attention straight from the paged pool (an `AttendFn` for one new token per row).
+
+    Written as gathers feeding elementwise products and reductions rather
+    than gather -> copy -> matmul: inductor fuses each page lookup into the
+    reduction that consumes it, so the past keys and values are read once
+    from the pool and never copied into a dense (R, nh, S, hs) tensor. At
+    stack-tiny's sizes (16 rows, 48-token pasts) that is ~60 vs ~150 us per
+    block application (the gather and the copy were most of it).
+
+    Args:
+        q, k_new, v_new: (R, nh, 1, hs) the new token's query, key and value.
+        pool_k, pool_v: (pages, page_size, nh, hs) the whole KV pool.
+        window: (R, P) page ids of the row's past (-1 = none; masked).
+        positions: (R, 1) the new token's position = the row's past length.
+        scale: softmax scale.
+
+    Returns:
+        The softmax attention over [past, new] and the mean of the visible
+        values, each (R, nh, 1, hs).
+    """
+    R, P = window.shape
+    page = pool_k.shape[1]
+    pages = window.clamp(min=0)
+    past_k, past_v = pool_k[pages], pool_v[pages]  # (R, P, page, nh, hs), fused into the reductions
+    qh, kh, vh = q.squeeze(2), k_new.squeeze(2), v_new.squeeze(2)  # (R, nh, hs)
+    keys = torch.arange(P * page, device=q.device).view(1, P, page)
+    visible = (keys < positions.view(R, 1, 1))[..., None]  # (R, P, page, 1) key j < the row's past length
+    s_past = (qh[:, None, None] * past_k).sum(-1) * scale  # (R, P, page, nh)
+    s_past = s_past.masked_fill(~visible, float("-inf"))
+    s_new = (qh * kh).sum(-1) * scale  # (R, nh); the new key is always visible
+    top = torch.maximum(s_past.amax(dim=(1, 2)), s_new)  # (R, nh)
+    e_past = torch.exp(s_past - top[:, None, None])  # (R, P, page, nh); 0 where masked
+    e_new = torch.exp(s_new - top)  # (R, nh)
+    total = e_past.sum(dim=(1, 2)) + e_new  # (R, nh)
+    a = ((e_past[..., None] * past_v).sum(dim=(1, 2)) + e_new[..., None] * vh) / total[..., None]
+    shown = visible.to(q.dtype)  # (R, P, page, 1)
+    count = shown.sum(dim=(1, 2)) + 1  # (R, 1) visible keys, the new one included
+    mean = ((shown[..., None] * past_v).sum(dim=(1, 2)) + vh) / count[..., None]  # (R, nh, hs)
+    return a.unsqueeze(2), mean.unsqueeze(2)
 
 
 class DecodeStep(nn.Module):
@@ -154,19 +206,18 @@ class DecodeStep(nn.Module):
             x_out (R, 1, d), k_new and v_new (R, nh, 1, hs), and for MoE the
             routed-token counts (E,).
         """
-        R, P = window.shape
-        S = P * pool_k.shape[1]
-        flat = window.clamp(min=0).reshape(-1)  # (R * P,)
-        past_k = pool_k.index_select(0, flat).view(R, S, self.nh, self.hs).transpose(1, 2)  # (R, nh, S, hs)
-        past_v = pool_v.index_select(0, flat).view(R, S, self.nh, self.hs).transpose(1, 2)
-        keys = torch.arange(S, device=x.device)
-        past_mask = keys[None, :] < positions  # (R, S)
-        mask = torch.cat([past_mask, torch.ones_like(positions, dtype=torch.bool)], dim=1)  # (R, S + 1)
+        scale = self.block.attn.scale
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            return paged_attention(q, k, v, pool_k, pool_v, window, positions, scale)
+
         weights = dict(zip(self.param_names, params))
+        none = x.new_zeros(0)  # the past tensors and mask: `attend` reads the pool instead
         out: BlockOut = torch.func.functional_call(
             self.block,
             weights,
-            (x, h, past_k, past_v, mask[:, None, None, :], setting if self.has_setting else None),
+            (x, h, none, none, none, setting if self.has_setting else None),
+            {"attend": attend},
         )
         if self.has_setting:
             return out.x, out.k, out.v, out.counts
@@ -228,10 +279,7 @@ def compile_step(block: Block, config: ModelConfig, dtype: torch.dtype, path: Pa
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter
         program = torch.export.export(step, args, dynamic_shapes=tuple(dynamic), strict=False)
-        # Core-ATen decompositions turn attention into bmm/softmax, which inductor
-        # fuses with the mask and the gather instead of calling the CPU flash
-        # kernel; at stack-tiny's sizes the two measured the same (1.79 vs 1.81 ms
-        # per b=16 forward), the decomposed form has no per-call kernel set-up.
+        # Core-ATen decompositions (the norms, the MoE's ops) so inductor fuses them.
         program = program.run_decompositions()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Compile to a temporary name and rename: a concurrent loader never sees half a file.

@@ -47,6 +47,11 @@ class TorchBackend:
                 )
             self.compiled = CompiledDecode(self.model, None if cache_dir is None else Path(cache_dir))
             self.name = "torch-aot"
+            # The output matrix again, laid out (d, V) for the decode head: `x @ W_t`
+            # is ~30 % faster than `x @ W.t()` at decode's few rows on CPU (123 vs
+            # 177 us for 16 x 128 x 4096). Costs V x d more memory (2 MB for the zoo).
+            head = model.wte.weight if model.head is None else model.head.weight
+            self._head_t = head.detach().t().contiguous()  # (d, V)
 
     def forward(
         self,
@@ -97,4 +102,4 @@ class TorchBackend:
 
         x = m.embed(tokens, positions)  # (B, 1, d)
         x, _, counts = run_trunk(c, x, positions, steps, kv, experts, block_fn, reads_pool=True)
-        return ModelOutput(m.logits(x), None, counts)
+        return ModelOutput(m.logits(x, self._head_t), None, counts)

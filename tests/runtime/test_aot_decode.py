@@ -15,7 +15,7 @@ import torch
 
 from models.kv_cache import PagedKVCache
 from models.model import LeanLM, run_trunk
-from runtime.backends.aot_decode import CompiledDecode
+from runtime.backends.aot_decode import CompiledDecode, paged_attention
 from runtime.backends.torch_backend import TorchBackend
 from tests.helpers import perturbed_model, tiny_config
 
@@ -44,6 +44,37 @@ def compiled(cache_dir) -> dict[str, tuple[LeanLM, TorchBackend]]:
 @pytest.fixture(params=list(CONFIGS))
 def case(request, compiled):
     return compiled[request.param]
+
+
+def test_paged_attention_matches_dense_attention_over_the_gathered_past() -> None:
+    """The pool-reading attention (eager here) equals SDPA and the masked mean over [past, new]."""
+    g = torch.Generator().manual_seed(0)
+    pages, page, nh, hs = 9, 4, 2, 8
+    pool_k, pool_v = (torch.randn(pages, page, nh, hs, generator=g) for _ in range(2))
+    # Rows with pasts of 1, 4 (a full page), 6 and 11 tokens; -1 pads a row's unused pages.
+    window = torch.tensor([[3, -1, -1], [0, -1, -1], [5, 2, -1], [7, 1, 8]])
+    positions = torch.tensor([[1], [4], [6], [11]])
+    R, P = window.shape
+    q, k, v = (torch.randn(R, nh, 1, hs, generator=g) for _ in range(3))
+    a, mean = paged_attention(q, k, v, pool_k, pool_v, window, positions, scale=0.3)
+    for r in range(R):
+        n, row_pages = int(positions[r]), window[r].clamp(min=0)
+        # (nh, n, hs): the row's first n cached tokens, then the new one
+        past_k, past_v = (
+            pool[row_pages].reshape(P * page, nh, hs)[:n].transpose(0, 1) for pool in (pool_k, pool_v)
+        )
+        keys = torch.cat([past_k, k[r, :, 0, None]], 1)  # (nh, n + 1, hs)
+        values = torch.cat([past_v, v[r, :, 0, None]], 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q[r], keys, values, scale=0.3)
+        torch.testing.assert_close(a[r], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mean[r], values.mean(1, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_head_copy_gives_the_models_logits(compiled) -> None:
+    model, backend = compiled["stack-prenorm-dense"]
+    x = torch.randn(3, 1, model.config.d_model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.logits(x, backend._head_t), model.logits(x), atol=TOL, rtol=TOL)
 
 
 def test_one_artifact_per_block_structure(compiled, cache_dir) -> None:
