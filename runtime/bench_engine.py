@@ -19,6 +19,10 @@ Measured (all on the same machine, in one process, one after another):
    request is done; only the tokens each request asked for are counted, for
    both engines.
 
+Every timed configuration runs `BEST_OF` times back to back on both sides and
+the fastest run counts (HF's batch-1 latency: best of 3 of each of its two
+runs).
+
 Without a model directory, a preset-style JSON config (or a built-in
 ode-tiny-like config) gets random weights; the token ids are random and text
 is not decoded (a stub tokenizer), since only timing matters here.
@@ -67,6 +71,11 @@ class _StubTokenizer:
     def encode(self, text: str) -> Any:
         raise ValueError("the engine benchmark submits token ids; a text prompt needs --model-dir")
 
+
+# Every timed configuration, leanserve's and HF's alike, is run this many times
+# back to back and the fastest run counts: the first run of a new batch shape
+# pays one-off costs (allocator growth, first calls) on both sides.
+BEST_OF = 2
 
 MIXED_PROMPT = (8, 64)  # prompt tokens, inclusive range
 MIXED_NEW = (16, 128)  # max_tokens, inclusive range
@@ -179,7 +188,10 @@ def _measure(
         await engine.start()
         try:
             await _engine_run(engine, prompts[:1], steps, 4, True)  # warm-up
-            return await _engine_run(engine, prompts, steps, args.new_tokens, concurrent)
+            runs = [
+                await _engine_run(engine, prompts, steps, args.new_tokens, concurrent) for _ in range(BEST_OF)
+            ]
+            return max(runs, key=lambda r: r.tokens_per_s)
         finally:
             await engine.stop()
 
@@ -195,8 +207,9 @@ def _measure_mixed(args: argparse.Namespace, workload: list[tuple[list[int], int
         await engine.start()
         try:
             await _engine_run(engine, [workload[0][0]], steps, 4, True)  # warm-up
-            prompts = [p for p, _ in workload]
-            return await _engine_run(engine, prompts, steps, [m for _, m in workload], True)
+            prompts, news = [p for p, _ in workload], [m for _, m in workload]
+            runs = [await _engine_run(engine, prompts, steps, news, True) for _ in range(BEST_OF)]
+            return max(runs, key=lambda r: r.tokens_per_s)
         finally:
             await engine.stop()
 
@@ -248,7 +261,7 @@ def _hf_mixed(model: Any, workload: list[tuple[list[int], int]]) -> float:
     new = max(m for _, m in workload)
     useful = sum(m for _, m in workload)
     _hf_generate(model, ids, mask, new)  # warm-up
-    return useful / min(_hf_generate(model, ids, mask, new) for _ in range(2))
+    return useful / min(_hf_generate(model, ids, mask, new) for _ in range(BEST_OF))
 
 
 def _hf_measure(model: Any, config: ModelConfig, args: argparse.Namespace, batch: int) -> tuple[float, float]:
@@ -266,7 +279,7 @@ def _hf_measure(model: Any, config: ModelConfig, args: argparse.Namespace, batch
     full = min(generate(1, M) for _ in range(3))
     one = min(generate(1, 1) for _ in range(3))
     per_token = (full - one) / (M - 1)
-    throughput = batch * M / min(generate(batch, M) for _ in range(2))
+    throughput = batch * M / min(generate(batch, M) for _ in range(BEST_OF))
     return per_token, throughput
 
 

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -207,6 +208,33 @@ def validate_request(
 # ----------------------------------------------------------------------------
 # Engine
 # ----------------------------------------------------------------------------
+class _Outputs:
+    """One request's undelivered outputs: the loop puts, the request's consumer gets.
+
+    `asyncio.Queue` without what one producer and one consumer on one loop do
+    not need (getter/putter deques, size bounds): a deque and the consumer's
+    waiter future. Runs once per generated token per request.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[RequestOutput | BaseException] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():  # done: the consumer was cancelled
+            waiter.set_result(None)
+
+    async def get(self) -> RequestOutput | BaseException:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
 @dataclass(eq=False)
 class _RequestState:
     """Everything the engine tracks for one live request besides its Sequence."""
@@ -216,7 +244,7 @@ class _RequestState:
     decision: PolicyDecision
     stream: TextStream
     generator: torch.Generator | None
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    outputs: _Outputs = field(default_factory=_Outputs)
     first_token_time: float | None = None
     last_token_time: float | None = None
     itls: list[float] = field(default_factory=list)
@@ -450,7 +478,7 @@ class Engine:
     async def _stream(self, state: _RequestState) -> AsyncIterator[RequestOutput]:
         try:
             while True:
-                item = await state.queue.get()
+                item = await state.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -554,21 +582,12 @@ class Engine:
             batches.append(out.decode)
         prepared = []
         for seqs in batches:
-            inputs = [s.next_input() for s in seqs]
-            lens = [len(i) for i, _ in inputs]
-            T = max(lens)
-            ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in inputs], dtype=torch.long)  # (B, T)
-            start = torch.tensor([p for _, p in inputs], dtype=torch.long)  # (B,)
-            positions = start[:, None] if T == 1 else start[:, None] + torch.arange(T)[None, :]  # (B, T)
-            last_index = None
-            if min(lens) < T:
-                # Right padding: a pad's key/value lands on a slot the row has
-                # reserved but not reached (clamped to its last reserved slot),
-                # which is overwritten before any query may see it; its logits
-                # are never read (last_index picks each row's last real token).
-                cap = torch.tensor([self.kv.capacity(s.request_id) for s in seqs], dtype=torch.long)
-                positions = torch.minimum(positions, cap[:, None] - 1)
-                last_index = torch.tensor(lens, dtype=torch.long) - 1  # (B,)
+            B, last_index = len(seqs), None
+            if seqs is out.decode:  # one token per row: `Sequence.next_input` of prefilled rows
+                ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long).view(B, 1)
+                positions = torch.tensor([s.num_cached for s in seqs], dtype=torch.long).view(B, 1)
+            else:
+                ids, positions, last_index = self._prefill_inputs(seqs)
             states = [self._states[s.request_id] for s in seqs]
             prepared.append(
                 _ForwardBatch(
@@ -584,6 +603,25 @@ class Engine:
                 )
             )
         return prepared
+
+    def _prefill_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, T), positions (B, T) and, with right padding, last_index (B,) of a prefill group."""
+        inputs = [s.next_input() for s in seqs]
+        lens = [len(i) for i, _ in inputs]
+        T = max(lens)
+        ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in inputs], dtype=torch.long)  # (B, T)
+        start = torch.tensor([p for _, p in inputs], dtype=torch.long)  # (B,)
+        positions = start[:, None] + torch.arange(T)[None, :]  # (B, T)
+        last_index = None
+        if min(lens) < T:
+            # Right padding: a pad's key/value lands on a slot the row has
+            # reserved but not reached (clamped to its last reserved slot),
+            # which is overwritten before any query may see it; its logits
+            # are never read (last_index picks each row's last real token).
+            cap = torch.tensor([self.kv.capacity(s.request_id) for s in seqs], dtype=torch.long)
+            positions = torch.minimum(positions, cap[:, None] - 1)
+            last_index = torch.tensor(lens, dtype=torch.long) - 1  # (B,)
+        return ids, positions, last_index
 
     def _execute(self, batches: list[_ForwardBatch]) -> _IterationResult:
         """Worker thread: run this iteration's forwards and sample (touches only its inputs)."""
@@ -660,7 +698,7 @@ class Engine:
         seq, now = state.seq, time.monotonic()
         finished = seq.status is SequenceStatus.FINISHED
         arrival = seq.arrival_time
-        state.queue.put_nowait(
+        state.outputs.put(
             RequestOutput(
                 request_id=seq.request_id,
                 text=text,
@@ -732,7 +770,7 @@ class Engine:
 
     def _fail(self, state: _RequestState, error: BaseException) -> None:
         self.scheduler.abort(state.seq.request_id)
-        state.queue.put_nowait(error)
+        state.outputs.put(error)
         reason = "deadline" if isinstance(error, DeadlineExceededError) else "error"
         self._finalize(state, reason)
 
