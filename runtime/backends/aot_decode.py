@@ -75,7 +75,7 @@ from models.model import LeanLM
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "LEANSERVE_CACHE"
-ARTIFACT_FORMAT = 4
+ARTIFACT_FORMAT = 5
 COMPILABLE_FFNS = ("dense", "moe")
 
 
@@ -161,8 +161,11 @@ def paged_attention(
     e_new = torch.exp(s_new - top)  # (R, nh)
     total = e_past.sum(dim=(1, 2)) + e_new  # (R, nh)
     a = ((e_past[..., None] * past_v).sum(dim=(1, 2)) + e_new[..., None] * vh) / total[..., None]
-    shown = visible.to(q.dtype)  # (R, P, page, 1)
-    count = shown.sum(dim=(1, 2)) + 1  # (R, 1) visible keys, the new one included
+    # The mean's weights are read from the scores' buffer (finite = visible), not
+    # recomputed from positions: inlined into the reduction, the mask's index
+    # arithmetic made this term alone ~1.6 ms at 16 rows (vs ~40 us).
+    shown = torch.isfinite(s_past).to(q.dtype)  # (R, P, page, nh)
+    count = shown.sum(dim=(1, 2)) + 1  # (R, nh) visible keys, the new one included
     mean = ((shown[..., None] * past_v).sum(dim=(1, 2)) + vh) / count[..., None]  # (R, nh, hs)
     return a.unsqueeze(2), mean.unsqueeze(2)
 
