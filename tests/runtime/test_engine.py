@@ -441,3 +441,25 @@ def test_duplicate_live_request_id_rejected(make_engine, arun):
         await engine.stop()
 
     arun(scenario())
+
+
+def test_output_channel_delivers_in_order_and_survives_a_cancelled_reader() -> None:
+    from runtime.engine import _Outputs
+
+    async def go() -> list[object]:
+        ch = _Outputs()
+        ch.put("a")  # before anyone waits
+        got = [await ch.get()]
+        reader = asyncio.ensure_future(ch.get())
+        await asyncio.sleep(0)  # the reader now waits
+        reader.cancel()  # a consumer that went away mid-wait
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        ch.put("b")  # must not fail on the cancelled waiter, nor be lost
+        waiting = asyncio.ensure_future(ch.get())
+        await asyncio.sleep(0)
+        ch.put("c")
+        got += [await waiting, await ch.get()]
+        return got
+
+    assert asyncio.run(go()) == ["a", "b", "c"]
