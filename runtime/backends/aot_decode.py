@@ -181,7 +181,6 @@ class DecodeStep(nn.Module):
             blk._modules["ffn"] = _RoutedMoE(block.ffn)
         self.block = blk
         self.param_names = [name for name, _ in blk.named_parameters()]  # same order as block.parameters()
-        self.nh, self.hs = config.n_heads, config.head_dim
         self.has_setting = config.ffn != "dense"
 
     def forward(
