@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from models.config import ModelConfig
 from models.model import LeanLM
+from runtime.types import ComputeParams, GenerationRequest, RequestOutput, SamplingParams
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -40,3 +43,48 @@ def perturbed_model(config: ModelConfig, seed: int = 0) -> LeanLM:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model
+
+
+# --- engine requests (tests/runtime/test_engine.py, test_aot_decode.py) ---
+PROMPT = "The scheduler admitted them"
+
+
+def req(
+    rid: str, prompt: str = PROMPT, steps: int | None = None, max_tokens: int = 12, **kw
+) -> GenerationRequest:
+    """A greedy request that runs to max_tokens (ignore_eos); compute and sampling fields by name."""
+    compute = {
+        k: kw.pop(k) for k in ("experts_top_k", "expert_depth", "quality", "latency_budget_ms") if k in kw
+    }
+    sampling = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, "ignore_eos": True, **kw})
+    return GenerationRequest(
+        rid, prompt=prompt, sampling=sampling, compute=ComputeParams(steps=steps, **compute)
+    )
+
+
+async def collect(stream) -> tuple[str, list[int], RequestOutput]:
+    """Drain an engine stream: (joined text, token ids, last output)."""
+    text, ids, last = [], [], None
+    async for out in stream:
+        text.append(out.text)
+        ids.extend(out.token_ids)
+        last = out
+    return "".join(text), ids, last
+
+
+async def run_alone(engine, request):
+    """Start the engine, run one request to completion, stop it."""
+    await engine.start()
+    try:
+        return await collect(engine.submit(request))
+    finally:
+        await engine.stop()
+
+
+async def run_batched(engine, requests):
+    """Start the engine, run the requests concurrently (one batch), stop it."""
+    await engine.start()
+    try:
+        return await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
+    finally:
+        await engine.stop()

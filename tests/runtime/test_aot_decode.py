@@ -186,8 +186,8 @@ def test_engine_with_compiled_decode_gives_the_eager_tokens(tokenizer, arun, cac
     """Concurrent requests with different step counts and expert settings through the
     engine: the compiled backend yields exactly the eager backend's greedy tokens and text."""
     from runtime.engine import Engine, EngineConfig
+    from tests.helpers import req, run_batched
     from tests.runtime.conftest import tiny_model_config
-    from tests.runtime.test_engine import req, run_batched
 
     model = perturbed_model(tiny_model_config(tokenizer.get_vocab_size(), "moe"))
     settings = dict(kv_cache_bytes=2**20, page_size=8, max_batch_size=16, max_waiting=32)

@@ -15,49 +15,10 @@ from runtime.types import (
     InvalidRequestError,
     IterationStats,
     OverloadedError,
-    RequestOutput,
     RequestStats,
     SamplingParams,
 )
-
-PROMPT = "The scheduler admitted them"
-
-
-def req(
-    rid: str, prompt: str = PROMPT, steps: int | None = None, max_tokens: int = 12, **kw
-) -> GenerationRequest:
-    compute = {
-        k: kw.pop(k) for k in ("experts_top_k", "expert_depth", "quality", "latency_budget_ms") if k in kw
-    }
-    sampling = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, "ignore_eos": True, **kw})
-    return GenerationRequest(
-        rid, prompt=prompt, sampling=sampling, compute=ComputeParams(steps=steps, **compute)
-    )
-
-
-async def collect(stream) -> tuple[str, list[int], RequestOutput]:
-    text, ids, last = [], [], None
-    async for out in stream:
-        text.append(out.text)
-        ids.extend(out.token_ids)
-        last = out
-    return "".join(text), ids, last
-
-
-async def run_alone(engine, request):
-    await engine.start()
-    try:
-        return await collect(engine.submit(request))
-    finally:
-        await engine.stop()
-
-
-async def run_batched(engine, requests):
-    await engine.start()
-    try:
-        return await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
-    finally:
-        await engine.stop()
+from tests.helpers import PROMPT, collect, req, run_alone, run_batched
 
 
 # --- invariance ------------------------------------------------------------------
