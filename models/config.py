@@ -266,6 +266,11 @@ class ModelConfig:
         return {}
 
     @property
+    def max_expert_setting(self) -> int | None:
+        """The trained (maximum) expert setting: top_k for MoE, depth for the tree, None when dense."""
+        return {"moe": self.experts_top_k, "tree": self.tree_depth}.get(self.ffn)
+
+    @property
     def n_expert_slots(self) -> int:
         """Length of the per-expert token-count vector (experts or tree nodes)."""
         if self.ffn == "moe":

@@ -285,7 +285,7 @@ def _export_graphs(model: LeanLM, onnx_dir: Path, opset: int) -> dict[str, Any]:
     mask[..., S:] = torch.ones(T, T, dtype=torch.bool).tril()
     args: tuple[Tensor, ...] = (x, h, past, past.clone(), mask)
     if c.ffn != "dense":
-        args += (torch.full((R,), c.experts_top_k if c.ffn == "moe" else c.tree_depth),)
+        args += (torch.full((R,), c.max_expert_setting),)
     block_dyn = {
         "x": {0: "R", 1: "T"},
         "h": {0: "R"},
@@ -367,7 +367,7 @@ def _parity_check(model: LeanLM, out_dir: Path, seed: int = 0) -> float:
     B, T, N = 2, min(8, c.context_length), int(c.default_steps)
     tokens = torch.randint(0, c.vocab_size, (B, T), generator=g)
     positions = torch.arange(T).expand(B, T).contiguous()
-    setting = {"moe": c.experts_top_k, "tree": c.tree_depth}.get(c.ffn)
+    setting = c.max_expert_setting
     ref = model(tokens, positions, N).logits
 
     def session(name: str) -> ort.InferenceSession:

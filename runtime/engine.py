@@ -641,11 +641,7 @@ class Engine:
         """Per-row expert settings, or None when every row uses the maximum."""
         if all(s.experts is None for s in seqs):
             return None
-        top = (
-            self.model_config.experts_top_k
-            if self.model_config.ffn == "moe"
-            else self.model_config.tree_depth
-        )
+        top = self.model_config.max_expert_setting
         return torch.tensor([top if s.experts is None else s.experts for s in seqs], dtype=torch.long)
 
     def _process(self, out: SchedulerOutput, result: _IterationResult) -> None:

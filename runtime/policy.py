@@ -246,10 +246,6 @@ class StepPolicy:
     def default_steps(self) -> int:
         return self.slo.steps if self.slo is not None else self.fixed_steps
 
-    def _max_experts(self) -> int | None:
-        c = self.config
-        return {"moe": c.experts_top_k, "tree": c.tree_depth}.get(c.ffn)
-
     def decide(
         self, compute: ComputeParams, prompt_tokens: int, max_tokens: int, batch: int = 1
     ) -> PolicyDecision:
@@ -279,7 +275,7 @@ class StepPolicy:
 
         explicit = compute.experts_top_k if self.config.ffn == "moe" else compute.expert_depth
         chosen = explicit if explicit is not None else tier_experts
-        top = self._max_experts()
+        top = self.config.max_expert_setting
         if top is None:
             return PolicyDecision(steps, None, None, reason)
         used = top if chosen is None else int(chosen)

@@ -244,7 +244,8 @@ def structure_key(block: Block, config: ModelConfig, dtype: torch.dtype) -> str:
 
 def full_setting(config: ModelConfig) -> int:
     """The graph's `setting` when a row gives none: the trained top-k (a dense FFN ignores it)."""
-    return config.experts_top_k if config.ffn == "moe" else 0
+    top = config.max_expert_setting
+    return 0 if top is None else top
 
 
 def _example_inputs(block: Block, config: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, ...]:

@@ -115,7 +115,7 @@ class OnnxBackend:
         self.provider = self._embed.get_providers()[0]
         # Without an expert setting the model uses the trained maximum; the
         # graphs always take one (fixed input list), so that maximum is fed.
-        self._full_setting = {"moe": config.experts_top_k, "tree": config.tree_depth}.get(config.ffn)
+        self._full_setting = config.max_expert_setting
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, providers: Sequence[str] | None = None) -> OnnxBackend:
