@@ -292,7 +292,7 @@ def run_trunk(
     mask, setting) -> BlockOut`: a torch module here, an ONNX Runtime session
     in runtime/backends/onnx_backend.py, so both run the same loop.
 
-    Two ways through the cache:
+    Three ways through the cache:
       * dense past (ONNX graphs): gather the cached prefix, the block
         concatenates its new keys and values and returns them, the loop
         scatters them into the pages;
@@ -303,9 +303,9 @@ def run_trunk(
       * `reads_pool=True` (compiled decode, runtime/backends/aot_decode.py):
         `block_fn(k, x, h, window, positions, setting)` gets the row's past
         pages `window` (R, P) and its positions (R, T) instead of a dense
-        past and a mask, reads the pool itself (gather, mask and block fused
-        in one compiled graph) and returns the new keys and values, which
-        the loop scatters into the pages.
+        past and a mask, reads the pool itself (page lookups, mask and block
+        fused in one compiled graph) and returns the new keys and values,
+        which the loop scatters into the pages.
 
     Args:
         x: (B, T, d) embedded tokens; positions: (B, T); steps: (B,).

@@ -356,7 +356,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch backend: AOT-compiled decode steps (~20 s on first use per model shape, then cached)",
+        help="torch backend: AOT-compiled decode steps (~15 s on first use per model shape, then cached)",
     )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
 

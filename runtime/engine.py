@@ -582,21 +582,17 @@ class Engine:
             batches.append(out.decode)
         prepared = []
         for seqs in batches:
-            B, last_index = len(seqs), None
-            if seqs is out.decode:  # one token per row: `Sequence.next_input` of prefilled rows
-                ids = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long).view(B, 1)
-                positions = torch.tensor([s.num_cached for s in seqs], dtype=torch.long).view(B, 1)
-            else:
-                ids, positions, last_index = self._prefill_inputs(seqs)
-            states = [self._states[s.request_id] for s in seqs]
+            ids, positions, last_index = self._inputs(seqs)
+            request_ids = [s.request_id for s in seqs]
+            states = [self._states[r] for r in request_ids]
             prepared.append(
                 _ForwardBatch(
-                    request_ids=[s.request_id for s in seqs],
+                    request_ids=request_ids,
                     tokens=ids,
                     positions=positions,
                     steps=torch.tensor([s.steps for s in seqs], dtype=torch.long),  # (B,)
                     experts=self._experts_tensor(seqs),
-                    kv=self.kv.batch([s.request_id for s in seqs]),
+                    kv=self.kv.batch(request_ids),
                     last_index=last_index,
                     sampling=[st.request.sampling for st in states],
                     generators=[st.generator for st in states],
@@ -604,14 +600,14 @@ class Engine:
             )
         return prepared
 
-    def _prefill_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token ids (B, T), positions (B, T) and, with right padding, last_index (B,) of a prefill group."""
+    def _inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids (B, T), positions (B, T) and, with right padding, last_index (B,) of one forward."""
         inputs = [s.next_input() for s in seqs]
         lens = [len(i) for i, _ in inputs]
         T = max(lens)
         ids = torch.tensor([i + [0] * (T - len(i)) for i, _ in inputs], dtype=torch.long)  # (B, T)
         start = torch.tensor([p for _, p in inputs], dtype=torch.long)  # (B,)
-        positions = start[:, None] + torch.arange(T)[None, :]  # (B, T)
+        positions = start[:, None] if T == 1 else start[:, None] + torch.arange(T)[None, :]  # (B, T)
         last_index = None
         if min(lens) < T:
             # Right padding: a pad's key/value lands on a slot the row has
