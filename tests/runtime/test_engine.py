@@ -424,3 +424,110 @@ def test_output_channel_delivers_in_order_and_survives_a_cancelled_reader() -> N
         return got
 
     assert asyncio.run(go()) == ["a", "b", "c"]
+
+
+# --- no leaks -----------------------------------------------------------------------
+def _held(engine) -> dict[str, int]:
+    """Everything the engine keeps per request; all zero once no request is live."""
+    return {
+        "states": len(engine._states),
+        "pending_aborts": len(engine._pending_aborts),
+        "scheduled": len(engine.scheduler._by_id),
+        "waiting_or_running": engine.scheduler.num_waiting + engine.scheduler.num_running,
+        "kv_sequences": len(engine.kv._seqs),
+        "kv_pages_in_use": engine.kv.num_pages - engine.kv.free_pages,
+    }
+
+
+async def _every_ending(engine, round_: int) -> dict[str, int]:
+    """One of each way a request ends, all at once; returns how many ended which way."""
+    tag = f"{round_}-"
+    ended = {"length": 0, "cancelled": 0, "closed": 0, "deadline": 0, "task_cancelled": 0, "rejected": 0}
+
+    async def to_length(i: int) -> None:
+        _, ids, last = await collect(engine.submit(req(f"{tag}len{i}", max_tokens=3 + i)))
+        assert last.finish_reason == "length" and len(ids) == 3 + i
+        ended["length"] += 1
+
+    async def cancelled() -> None:
+        stream = engine.submit(req(f"{tag}cancel", max_tokens=40))
+        await stream.__anext__()
+        engine.cancel(f"{tag}cancel")
+        _, _, last = await collect(stream)
+        assert last.finish_reason == "cancelled"
+        ended["cancelled"] += 1
+
+    async def closed() -> None:
+        stream = engine.submit(req(f"{tag}close", max_tokens=40))
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+        ended["closed"] += 1
+
+    async def past_deadline() -> None:
+        r = req(f"{tag}late", max_tokens=40)
+        r.deadline = time.monotonic() + 0.01
+        with pytest.raises(DeadlineExceededError):
+            await collect(engine.submit(r))
+        ended["deadline"] += 1
+
+    async def consumer_cancelled() -> None:
+        task = asyncio.ensure_future(collect(engine.submit(req(f"{tag}task", max_tokens=40))))
+        await asyncio.sleep(0.005)
+        task.cancel()  # a disconnected gRPC call cancels the handler's task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ended["task_cancelled"] += 1
+
+    work = [to_length(i) for i in range(3)] + [cancelled(), closed(), past_deadline(), consumer_cancelled()]
+    tasks = [asyncio.ensure_future(w) for w in work]
+    await asyncio.sleep(0)  # let them submit: the live ids below collide with theirs
+    for bad in (req(f"{tag}bad", steps=99), req(f"{tag}len0"), req(f"{tag}huge", max_tokens=10**6)):
+        with pytest.raises(InvalidRequestError):
+            engine.submit(bad)
+        ended["rejected"] += 1
+    await asyncio.gather(*tasks)
+    # Aborts take effect at the next iteration boundary: give the loop a few.
+    for _ in range(200):
+        if not any(_held(engine).values()):
+            break
+        await asyncio.sleep(0.001)
+    return ended
+
+
+def test_no_request_leaves_state_behind_whatever_way_it_ends(make_engine, arun):
+    """Finished, cancelled, closed, timed-out, consumer-cancelled and rejected requests
+    all leave the engine holding nothing for them, and the Python heap does not grow
+    with the number of requests served (nothing a client does may leak memory)."""
+    import gc
+    import tracemalloc
+
+    engine = make_engine(max_waiting=16)
+
+    async def scenario():
+        await engine.start()
+        try:
+            first = await _every_ending(engine, 0)
+            held = [_held(engine)]
+            for r in range(1, 10):  # warm up: allocator pools and torch's caches fill first
+                await _every_ending(engine, r)
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for r in range(10, 30):
+                await _every_ending(engine, r)
+                held.append(_held(engine))
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            return first, held, grown, engine.stats()
+        finally:
+            await engine.stop()
+
+    first, held, grown, stats = arun(scenario(), 60.0)
+    assert all(first.values()), first  # every way of ending happened
+    assert all(not any(h.values()) for h in held), held
+    assert stats.kv_used_bytes == 0 and stats.num_running == 0 and stats.num_waiting == 0
+    # 20 rounds x 10 requests: a leaked request (its state, stream, outputs) is kilobytes, so a
+    # per-request leak shows as hundreds of KB. Measured without one: ~42 KB over the first 10
+    # rounds (warm-up), ~15 KB over the next 30, ~4 KB over the 60 after: caches that fill, no trend.
+    assert grown < 64 * 1024, f"Python heap grew {grown} bytes over 200 requests"
