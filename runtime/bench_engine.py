@@ -303,6 +303,7 @@ def main(args: argparse.Namespace) -> int:
     B = args.batch
     rows: list[tuple[str, str, str, str, str]] = []
     results: dict[str, Any] = {"model": config.name, "steps_low": n_low, "steps_high": hi, "batch": B}
+    # A model with one step count (lo == hi) gets no `itl_ratio_b*` entries: nothing to compare.
 
     print(
         f"model {config.name}: d_model={config.d_model} steps [{lo}, {hi}] ffn={config.ffn}; "
@@ -311,6 +312,12 @@ def main(args: argparse.Namespace) -> int:
     )
     at_max: dict[int, RunResult] = {}
     for b in (1, B):
+        if lo == hi:  # one step count (e.g. a stacked trunk): there is no step ratio to measure
+            high = at_max[b] = _measure(args, b, hi)
+            rows.append(
+                (f"decode ms/token b={b}: N={hi}", f"{high.itl_s * 1e3:.2f}", "-", "n/a", "fixed step count")
+            )
+            continue
         low = _measure(args, b, n_low)
         high = at_max[b] = _measure(args, b, hi)
         ratio = low.itl_s / high.itl_s

@@ -66,3 +66,21 @@ def test_bench_engine_quick_prints_every_row(tmp_path: Path, capsys):
         "hf_itl_s", "hf_tokens_per_s", "tokens_per_s_mixed", "hf_tokens_per_s_mixed", "mixed_ratio",
     ):  # fmt: skip
         assert math.isfinite(results[key]) and results[key] > 0, key
+
+
+def test_bench_engine_fixed_step_model_reports_no_step_ratio(tmp_path: Path, capsys):
+    """A stacked trunk has one step count: the step-ratio rows say n/a instead of a verdict."""
+    config = tmp_path / "stack.json"
+    model = dict(name="stack-tiny-test", vocab_size=256, context_length=256, d_model=32, n_heads=2, d_ff=64)
+    config.write_text(json.dumps({"model": {**model, "trunk": "stack", "n_layers": 2, "ffn": "dense"}}))
+    out = tmp_path / "bench.json"
+    rc = cli_main(
+        ["bench", "engine", "--config", str(config), "--quick", "--batch", "2", "--new-tokens", "4",
+         "--threads", "1", "--no-hf", "--json", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "decode ms/token b=1: N=" in text and " vs N=" not in text
+    assert "fixed step count" in text and "(<= 0.35)" not in text
+    results = json.loads(out.read_text())
+    assert "itl_ratio_b1" not in results and results["tokens_per_s_concurrent"] > 0
