@@ -49,3 +49,23 @@ def test_serve_config_application_args_and_flag_overrides():
     assert "grpc_options" not in cfg and "http_options" not in cfg
     assert "compile" not in cfg
     assert _app_args(_args(config=str(SERVE_CONFIG), compile=True))["compile"] is True
+
+
+def test_local_env_fills_gaps_and_leaves_what_the_user_set(monkeypatch):
+    """Local runs get the token-free loopback Ray and Serve's short request path (gRPC from
+    proxy to replica, handlers on the replica's loop); a value already in the environment
+    wins, so `RAY_SERVE_PROXY_USE_GRPC=0 leanserve serve` goes back to Ray actor calls."""
+    import os
+
+    from runtime.serve_cli import LOCAL_ENV, SERVE_LATENCY_ENV, set_local_env
+
+    assert SERVE_LATENCY_ENV["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+    assert LOCAL_ENV["RAY_AUTH_MODE"] == "disabled" and SERVE_LATENCY_ENV.items() <= LOCAL_ENV.items()
+    for key in LOCAL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")
+    set_local_env()
+    assert os.environ["RAY_SERVE_PROXY_USE_GRPC"] == "0"
+    assert {k: os.environ[k] for k in LOCAL_ENV if k != "RAY_SERVE_PROXY_USE_GRPC"} == {
+        k: v for k, v in LOCAL_ENV.items() if k != "RAY_SERVE_PROXY_USE_GRPC"
+    }
