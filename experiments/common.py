@@ -410,6 +410,28 @@ def parse_table(markdown: str, heading: str) -> tuple[list[str], list[list[str]]
     return table[0], table[2:]
 
 
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """`matplotlib.pyplot.subplots(*args, **kwargs)` on the Agg backend (headless: CI and the
+    training VM have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay `fig` out, write it to `path` (creating the folder), free it; returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def line_plot(
     path: Path,
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
@@ -425,12 +447,7 @@ def line_plot(
     `styles` maps a series to a matplotlib format string (default "-o"), `colors`
     to a colour, so related series (a model's train and val loss) can share one.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI and the training VM have no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = subplots(figsize=(7, 4.5), dpi=110)
     for name, (xs, ys) in series.items():
         kw = {"color": colors[name]} if colors and name in colors else {}
         ax.plot(list(xs), list(ys), (styles or {}).get(name, "-o"), label=name, markersize=3.5, **kw)
@@ -441,11 +458,7 @@ def line_plot(
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(

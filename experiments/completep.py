@@ -55,7 +55,9 @@ from experiments.common import (
     parse_args,
     prepare_data,
     publish_report,
+    save_figure,
     set_threads,
+    subplots,
 )
 from models.config import ModelConfig
 from models.data import TokenBatcher
@@ -496,16 +498,11 @@ def plot(
     coord: dict[tuple[str, int], dict[str, float]],
 ) -> Path:
     """One panel per parameterisation (train loss vs log2 eta, a curve per depth) and the coordinate check."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
     finite = [
         r["train_loss"] for rec in sweep.values() for r in rec["runs"] if math.isfinite(r["train_loss"])
     ]
     lo, hi = min(finite), max(finite)
-    fig, axes = plt.subplots(1, len(PARAMS) + 1, figsize=(5 * (len(PARAMS) + 1), 4.3), dpi=100)
+    fig, axes = subplots(1, len(PARAMS) + 1, figsize=(5 * (len(PARAMS) + 1), 4.3), dpi=100)
     for ax, param in zip(axes, PARAMS):
         for c, L in enumerate(s.depths):
             rec = sweep[(param, L)]
@@ -533,11 +530,7 @@ def plot(
     ax.set_title(f"coordinate check: after {s.coord_steps} steps (solid), init (dashed)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def findings(

@@ -57,7 +57,9 @@ from experiments.common import (
     parse_args,
     prepare_data,
     publish_report,
+    save_figure,
     set_threads,
+    subplots,
     train_model,
     val_loss,
 )
@@ -679,14 +681,9 @@ def overfit_table(over: dict[str, dict[str, Any]]) -> str:
 def plot(path: Path, records: dict[int, dict[str, Any]], over: dict[str, dict[str, Any]]) -> Path:
     """Six panels: capacity and time vs D, loss vs D, leaf usage vs D; flat vs tree curves against
     iterations and against training loss; the leaf frequencies at the largest D."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
     Ds = list(records)
     base = records[Ds[0]]
-    fig, axes = plt.subplots(2, 3, figsize=(19, 9), dpi=100)
+    fig, axes = subplots(2, 3, figsize=(19, 9), dpi=100)
 
     ax = axes[0, 0]
     ax.plot(
@@ -787,11 +784,7 @@ def plot(path: Path, records: dict[int, dict[str, Any]], over: dict[str, dict[st
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
 
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def findings(records: dict[int, dict[str, Any]], over: dict[str, dict[str, Any]], s: Scale) -> str:

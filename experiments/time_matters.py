@@ -42,7 +42,9 @@ from experiments.common import (
     parse_args,
     prepare_data,
     publish_report,
+    save_figure,
     set_threads,
+    subplots,
     train_model,
     val_loss,
 )
@@ -286,13 +288,8 @@ def run_fixed_time(s: Scale, data: Any, root: Path, reuse: bool) -> dict[str, di
 
 def plot(path: Path, records: list[dict[str, Any]], fits: dict[str, Any], fixed: dict[str, Any]) -> Path:
     """Three panels: time vs FLOPs, time vs bytes (with the fits), val loss vs wall time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t_ms = np.array([r["step_s"] for r in records]) * 1e3
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), dpi=100)
+    fig, axes = subplots(1, 3, figsize=(15, 4.5), dpi=100)
     for ax, key, unit, scale in ((axes[0], "flops", "GFLOP", 1e9), (axes[1], "bytes", "MB", 1e6)):
         x = np.array([r[key] for r in records]) / scale
         coef, r2 = fits[key]
@@ -315,11 +312,7 @@ def plot(path: Path, records: list[dict[str, Any]], fits: dict[str, Any], fixed:
     ax.set_title("equal wall-clock budget: wide vs deep")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
