@@ -54,11 +54,21 @@ class KVBatch:
         pool: the shared page pool.
         block_tables: (B, N_max, P) int64 page ids per row, step and page slot.
         cached_steps: (B,) int64 step count each row's cache holds.
+        capacity: tokens each row's reserved pages hold, or None (derived
+            from `block_tables` when needed); lets the per-forward overflow
+            check run on Python ints.
     """
 
     pool: PagedKVCache
     block_tables: Tensor
     cached_steps: Tensor
+    capacity: tuple[int, ...] | None = None
+
+    def rows(self, index: list[int]) -> KVBatch:
+        """The view of rows `index` (in that order)."""
+        idx = torch.tensor(index)
+        cap = None if self.capacity is None else tuple(self.capacity[i] for i in index)
+        return KVBatch(self.pool, self.block_tables[idx], self.cached_steps[idx], cap)
 
 
 @dataclass
@@ -193,7 +203,8 @@ class PagedKVCache:
         for b, s in enumerate(seqs):
             table[b, : s.steps, : len(s.pages[0])] = torch.tensor(s.pages, dtype=torch.long)
         steps = torch.tensor([s.steps for s in seqs], dtype=torch.long)
-        batch = KVBatch(self, table.to(self.k.device), steps.to(self.k.device))
+        capacity = tuple(len(s.pages[0]) * self.page_size for s in seqs)
+        batch = KVBatch(self, table.to(self.k.device), steps.to(self.k.device), capacity)
         self._last_batch = (key, self._version, batch)
         return batch
 

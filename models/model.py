@@ -214,27 +214,30 @@ def check_inputs(
 
 
 def check_cache(kv: KVBatch, positions: Tensor, steps: Tensor) -> None:
-    """Raise KVCacheError on a row mismatch, a changed step count or an overflow."""
+    """Raise KVCacheError on a row mismatch, a changed step count or an overflow.
+
+    Runs every forward, so the common (valid) case costs two tensor ops; the
+    rest is Python over the rows.
+    """
     if kv.block_tables.shape[0] != positions.shape[0]:
         raise KVCacheError(f"cache has {kv.block_tables.shape[0]} rows, the batch has {positions.shape[0]}")
-    wrong = (kv.cached_steps != steps).nonzero()
-    if wrong.numel():
-        b = int(wrong[0, 0])
+    if not torch.equal(kv.cached_steps, steps):
+        b = int((kv.cached_steps != steps).nonzero()[0, 0])
         raise KVCacheError(
             f"row {b}: its cache was built with {int(kv.cached_steps[b])} steps, "
             f"this call asks for {int(steps[b])}; a sequence keeps its step count"
         )
     # Every new position must fall inside the row's reserved pages.
-    page = positions[:, -1] // kv.pool.page_size  # (B,)
-    P = kv.block_tables.shape[2]
-    reserved = (kv.block_tables[:, 0, :] >= 0).sum(1)  # (B,)
-    over = (page >= reserved) | (page >= P)
-    if over.any():
-        b = int(over.nonzero()[0, 0])
-        raise KVCacheError(
-            f"row {b}: position {int(positions[b, -1])} overflows its reservation of "
-            f"{int(reserved[b]) * kv.pool.page_size} tokens"
-        )
+    page_size = kv.pool.page_size
+    capacity = kv.capacity
+    if capacity is None:
+        capacity = ((kv.block_tables[:, 0, :] >= 0).sum(1) * page_size).tolist()
+    width = kv.block_tables.shape[2] * page_size  # tokens the table can address
+    for b, (last, cap) in enumerate(zip(positions[:, -1].tolist(), capacity)):
+        if last >= min(cap, width):
+            raise KVCacheError(
+                f"row {b}: position {last} overflows its reservation of {min(cap, width)} tokens"
+            )
 
 
 def prepare_inputs(

@@ -114,14 +114,22 @@ def _build_engine(
         kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
     )
     compiled = backend == "torch" and args.compile
+    # Whole-decode graphs for exactly the step counts this benchmark measures.
+    kwargs: dict[str, Any] = {"compile": True, "compile_steps": sorted(set(_measured_steps(config)))}
     if args.model_dir:
-        kwargs = {"compile": True} if compiled else {}
-        return Engine.from_model_dir(args.model_dir, ec, backend=backend, **kwargs)
+        return Engine.from_model_dir(args.model_dir, ec, backend=backend, **(kwargs if compiled else {}))
     from models.model import LeanLM
     from runtime.backends.torch_backend import TorchBackend
 
     torch.manual_seed(0)
-    return Engine(TorchBackend(LeanLM(config).eval(), compile=compiled), _StubTokenizer(), ec)  # type: ignore[arg-type]
+    model = LeanLM(config).eval()
+    return Engine(TorchBackend(model, **(kwargs if compiled else {})), _StubTokenizer(), ec)  # type: ignore[arg-type]
+
+
+def _measured_steps(config: ModelConfig) -> tuple[int, int]:
+    """The step counts whose per-token latencies are compared: N_max / 4 and N_max."""
+    lo, hi = config.step_range
+    return max(lo, round(hi / 4)), hi
 
 
 @dataclass
@@ -299,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
     probe = _build_engine(args, 1)
     config = probe.model_config
     lo, hi = config.step_range
-    n_low = max(lo, round(hi / 4))
+    n_low, _ = _measured_steps(config)
     B = args.batch
     rows: list[tuple[str, str, str, str, str]] = []
     results: dict[str, Any] = {"model": config.name, "steps_low": n_low, "steps_high": hi, "batch": B}

@@ -61,7 +61,9 @@ class Samples:
     unary_tokens: list[int] = field(default_factory=list)  # completion tokens of each unary response
 
 
-def _bare_worker(conn: Any, model_dir: str, engine_args: dict[str, Any], threads: int, compile: bool) -> None:
+def _bare_worker(
+    conn: Any, model_dir: str, engine_args: dict[str, Any], threads: int, backend_args: dict[str, Any]
+) -> None:
     """Subprocess body: the bare engine, one timed request per `(steps, new_tokens, prompt)` received.
 
     It runs in a process of its own because an in-process Ray driver slowed the
@@ -71,7 +73,7 @@ def _bare_worker(conn: Any, model_dir: str, engine_args: dict[str, Any], threads
     from runtime.types import ComputeParams, GenerationRequest, SamplingParams
 
     torch.set_num_threads(threads)
-    engine = Engine.from_model_dir(model_dir, EngineConfig(**engine_args), compile=compile)
+    engine = Engine.from_model_dir(model_dir, EngineConfig(**engine_args), **backend_args)
 
     async def serve() -> None:
         await engine.start()
@@ -100,13 +102,16 @@ class BareEngine:
     """The bare engine in a spawned subprocess (no Ray there); `run()` times one request."""
 
     def __init__(
-        self, model_dir: str, engine_args: dict[str, Any], threads: int, compile: bool = False
+        self,
+        model_dir: str,
+        engine_args: dict[str, Any],
+        threads: int,
+        backend_args: dict[str, Any] | None = None,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_bare_worker, args=(child, model_dir, engine_args, threads, compile), daemon=True
-        )
+        worker_args = (child, model_dir, engine_args, threads, backend_args or {})
+        self._proc = ctx.Process(target=_bare_worker, args=worker_args, daemon=True)
         self._proc.start()
 
     def run(self, steps: int, new_tokens: int, prompt: str = PROMPT, timeout_s: float = 120.0) -> float:
@@ -218,8 +223,10 @@ def main(args: Any) -> int:
     )
     port = args.port
     # With --compile the bare engine compiles first (or loads the cache); the replica,
-    # started later with the same thread count, then loads the same artifact.
-    bare = BareEngine(model_dir, engine_args, threads, args.compile)
+    # started later with the same thread count, then loads the same artifacts. Both
+    # get a whole-decode graph for the step count measured.
+    backend_args = {"compile": True, "compile_steps": [args.steps]} if args.compile else {}
+    bare = BareEngine(model_dir, engine_args, threads, backend_args)
     # Reference only: the same engine before any Ray process exists (no background load at all).
     without_ray = [bare.run(args.steps, args.new_tokens) for _ in range(WARMUP + args.runs)][WARMUP:]
     temp_dir = tempfile.mkdtemp(prefix="leanserve-bench-")
@@ -230,7 +237,7 @@ def main(args: Any) -> int:
             "threads": threads,
             "engine": engine_args,
             "stream_interval": args.stream_interval,
-            "compile": args.compile,
+            **backend_args,
         }
         deploy(app, timeout_s=300)
         client = Client(f"127.0.0.1:{port}")

@@ -356,7 +356,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch backend: AOT-compiled decode steps (~15 s on first use per model shape, then cached)",
+        help="torch backend: AOT-compiled decode (compiled on first use per model shape, then cached)",
+    )
+    p.add_argument(
+        "--compile-steps",
+        help="with --compile: step counts with a whole-decode graph, e.g. 2,3,12 or 'all' "
+        "(default: the default step count and the quality tiers')",
     )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
 

@@ -42,7 +42,7 @@ from models.config import ModelConfig
 from models.kv_cache import KVBatch, PagedKVCache
 from models.tokenizer import eot_id
 from runtime.backends import Backend
-from runtime.policy import ModelProfile, PolicyDecision, SLOController, StepPolicy, Tier
+from runtime.policy import ModelProfile, PolicyDecision, SLOController, StepPolicy, Tier, automatic_steps
 from runtime.sampling import TextStream, make_generator, sample
 from runtime.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 from runtime.types import (
@@ -360,15 +360,30 @@ class Engine:
             model_dir: the model directory.
             config: engine settings.
             backend: "torch" or "onnx".
-            **kwargs: passed to `runtime.backends.load_backend`.
+            **kwargs: passed to `runtime.backends.load_backend`; with
+                `compile=True` and no `compile_steps`, the step counts the
+                policy picks by itself (`runtime.policy.automatic_steps`).
         """
-        from models.checkpoint import TOKENIZER_FILE
+        from models.checkpoint import TOKENIZER_FILE, load_config
         from models.tokenizer import load_tokenizer
         from runtime.backends import load_backend
 
+        model_config = load_config(model_dir)
+        profile = ModelProfile.load(model_config, model_dir)
+        if kwargs.get("compile") and kwargs.get("compile_steps") is None:
+            # Whole-decode graphs for the step counts this engine's policy picks by itself.
+            ec = config or EngineConfig()
+            lo, hi = model_config.step_range
+            slo = None
+            if ec.slo_target_itl_ms is not None:
+                slo = (
+                    ec.slo_min_steps if ec.slo_min_steps is not None else lo,
+                    ec.slo_max_steps if ec.slo_max_steps is not None else hi,
+                )
+            kwargs["compile_steps"] = automatic_steps(model_config, profile, ec.default_steps, slo)
         be = load_backend(model_dir, backend, **kwargs)
         tok = load_tokenizer(Path(model_dir) / TOKENIZER_FILE)
-        return cls(be, tok, config, ModelProfile.load(be.config, model_dir))
+        return cls(be, tok, config, profile)
 
     # --- lifecycle -----------------------------------------------------------
     @property

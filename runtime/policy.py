@@ -211,6 +211,25 @@ class PolicyDecision:
     reason: str
 
 
+def automatic_steps(
+    config: ModelConfig,
+    profile: ModelProfile | None = None,
+    default_steps: int | None = None,
+    slo_range: tuple[int, int] | None = None,
+) -> list[int]:
+    """The step counts `StepPolicy` picks for requests that name neither `steps`
+    nor `latency_budget_ms`: the server default (every count in `slo_range`
+    when an SLO controller adapts it) and each quality tier's. The compiled
+    backend builds its fastest graphs for these (runtime/backends/torch_backend.py).
+    """
+    tiers = (profile or ModelProfile.from_dict(config, None)).tiers
+    if slo_range is not None:
+        chosen = set(range(slo_range[0], slo_range[1] + 1))
+    else:
+        chosen = {int(default_steps if default_steps is not None else config.default_steps)}
+    return sorted(chosen | {t.steps for t in tiers.values()})
+
+
 class StepPolicy:
     """Chooses (steps, experts, reason) per request; see the module docstring."""
 

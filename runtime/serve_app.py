@@ -78,6 +78,9 @@ class ServeArgs:
         compile: torch backend only: run decode steps as AOTInductor-compiled
             graphs (runtime/backends/aot_decode.py; compiled on first use,
             cached in $LEANSERVE_CACHE or ~/.cache/leanserve).
+        compile_steps: with `compile`, the step counts that get a whole-decode
+            graph (a list or "all"); default: the ones the step policy picks by
+            itself (default steps, the SLO controller's range, quality tiers).
         threads: torch intra-op threads per replica (None = torch's default).
         startup_timeout_s: bound on loading and warming up the model.
         engine: `EngineConfig` fields (kv_cache_bytes, max_batch_size,
@@ -89,6 +92,7 @@ class ServeArgs:
     backend: str = "torch"
     device: str = "cpu"
     compile: bool = False
+    compile_steps: list[int] | str | None = None
     threads: int | None = None
     startup_timeout_s: float = 300.0
     stream_interval: int = 1
@@ -126,6 +130,14 @@ class ServeArgs:
             raise ValueError(f"compile={out.compile!r} must be true or false")
         if out.compile and out.backend != "torch":
             raise ValueError(f"compile=true needs backend=torch (got backend={out.backend!r})")
+        steps = out.compile_steps
+        if steps is not None:
+            if not out.compile:
+                raise ValueError("compile_steps: needs compile=true")
+            if steps != "all" and not (
+                isinstance(steps, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in steps)
+            ):
+                raise ValueError(f"compile_steps={steps!r}: must be 'all' or a list of step counts")
         if out.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={out.startup_timeout_s} must be > 0")
         if not isinstance(out.stream_interval, int) or out.stream_interval < 1:
@@ -164,7 +176,11 @@ class LeanServer:
             import torch
 
             torch.set_num_threads(a.threads)
-        kwargs = {"device": a.device, "compile": a.compile} if a.backend == "torch" else {}
+        kwargs: dict[str, Any] = {}
+        if a.backend == "torch":
+            kwargs = {"device": a.device, "compile": a.compile}
+            if a.compile_steps is not None:
+                kwargs["compile_steps"] = a.compile_steps
         # Loading reads weights from disk: keep the replica's event loop free meanwhile.
         engine = await asyncio.to_thread(
             Engine.from_model_dir, model_dir, EngineConfig(**a.engine), a.backend, **kwargs

@@ -144,6 +144,22 @@ def resolve_ports(args: Any) -> tuple[int, int]:
     return grpc, http
 
 
+def parse_steps(text: str) -> list[int] | str:
+    """`--compile-steps`: "all" or comma-separated step counts ("2,3,12").
+
+    Raises:
+        ValueError: anything else (names the flag and the accepted forms).
+    """
+    if text.strip() == "all":
+        return "all"
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--compile-steps={text!r}: must be 'all' or comma-separated step counts such as 2,3,12"
+        ) from None
+
+
 def _app_args(args: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {}
     loaded = _load_config(args.config)
@@ -159,6 +175,8 @@ def _app_args(args: Any) -> dict[str, Any]:
         cfg["threads"] = args.threads
     if args.compile:
         cfg["compile"] = True
+    if args.compile_steps:
+        cfg["compile_steps"] = parse_steps(args.compile_steps)
     engine = dict(cfg.pop("engine", None) or {})
     for flag in ("max_batch_size", "max_waiting", "kv_cache_bytes", "default_steps", "slo_target_itl_ms"):
         if getattr(args, flag) is not None:

@@ -18,13 +18,30 @@ from the paged pool to the new residual stream:
 
 The loop around it stays in Python (`models.model.run_trunk` with
 `reads_pool=True`): per-row step counts, which rows run which block at step
-i, the step size h, and the scatter of the new keys and values into the
-pages (a graph that wrote into the pool would have to copy the whole pool,
-since torch.export functionalises input mutation). So one compiled artifact
+i, the step size h, and the scatter of all steps' new keys and values into
+the pages (one write after the last step). So one compiled artifact
 serves every step count, batch size and cache length: rows R and pages P are
 symbolic (`torch.export.Dim`), and the weights are graph *inputs*, so the
 blocks of one structure (same parameter names and shapes) share one artifact,
 and a retrained model of the same architecture reuses it.
+
+Whole-decode graphs: for chosen step counts N (`graph_steps`) the entire
+decode forward of rows that all run N steps is one more artifact,
+
+    embed -> N block steps (the blocks `run_trunk` would pick) -> final norm
+    -> head -> logits; every step's new keys and values written into the pool
+
+so a token costs one native call instead of N calls and a scatter with
+Python between them. At these sizes that Python is not only its own cost: it
+evicts the weights from the caches between calls, so each block and the head
+run ~2x slower in place than alone. Measured (stack-tiny, one core, pinned):
+~600 -> ~240 us per forward at batch 1, ~1320 -> ~900 us at batch 16 with
+48-token pasts. One artifact per (block structure, N): rows R and pages P stay
+symbolic and the weights are inputs, as above. The graph writes the pool in
+place (AOTInductor mutates the input buffer itself, ~2 us; nothing copies the
+pool). Batches that mix step counts
+run each step count that has a graph as its own group and the rest through
+the per-block steps (runtime/backends/torch_backend.py).
 
 Prefill (T > 1) stays eager: it runs once per request and is matmul-bound.
 
@@ -60,6 +77,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -261,27 +279,11 @@ def _example_inputs(block: Block, config: ModelConfig, dtype: torch.dtype) -> tu
     return (x, h, *pool, window, positions, setting, *(p.detach() for p in block.parameters()))
 
 
-def compile_step(block: Block, config: ModelConfig, dtype: torch.dtype, path: Path) -> None:
-    """Export one block's decode step with symbolic rows, pages and page size; AOT-compile it to `path`."""
-    from torch.export import Dim
-
-    step = DecodeStep(block, config).eval()
-    args = _example_inputs(block, config, dtype)
-    R, P = Dim("R", min=1, max=1 << 16), Dim("P", min=1, max=max(2, config.context_length))
-    pages, page = Dim("pages", min=1), Dim("page", min=1, max=max(2, config.context_length))
-    dynamic: list[Any] = [
-        {0: R},  # x
-        {0: R},  # h
-        {0: pages, 1: page},  # pool_k
-        {0: pages, 1: page},  # pool_v
-        {0: R, 1: P},  # window
-        {0: R},  # positions
-        {0: R},  # setting
-    ]
-    dynamic.append(tuple([None] * (len(args) - len(dynamic))))  # *params: weights have static shapes
+def _aot_compile(module: nn.Module, args: tuple[Tensor, ...], dynamic: list[Any], path: Path) -> None:
+    """Export `module` at `args` with `dynamic` shapes and AOT-compile it to `path` (atomically)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation chatter
-        program = torch.export.export(step, args, dynamic_shapes=tuple(dynamic), strict=False)
+        program = torch.export.export(module, args, dynamic_shapes=tuple(dynamic), strict=False)
         # Core-ATen decompositions (the norms, the MoE's ops) so inductor fuses them.
         program = program.run_decompositions()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,19 +298,194 @@ def compile_step(block: Block, config: ModelConfig, dtype: torch.dtype, path: Pa
                 os.unlink(tmp)
 
 
-class CompiledDecode:
-    """The compiled decode steps of one model: `run_block` is `run_trunk`'s `reads_pool` executor."""
+def _dims(config: ModelConfig) -> tuple[Any, Any, Any, Any]:
+    """Symbolic rows, past pages, pool pages and page size (`torch.export.Dim`)."""
+    from torch.export import Dim
 
-    def __init__(self, model: LeanLM, cache_dir: Path | None = None) -> None:
-        """Load (or compile and cache) the decode step of every distinct block structure.
+    R, P = Dim("R", min=1, max=1 << 16), Dim("P", min=1, max=max(2, config.context_length))
+    pages, page = Dim("pages", min=1), Dim("page", min=1, max=max(2, config.context_length))
+    return R, P, pages, page
+
+
+def compile_step(block: Block, config: ModelConfig, dtype: torch.dtype, path: Path) -> None:
+    """Export one block's decode step with symbolic rows, pages and page size; AOT-compile it to `path`."""
+    step = DecodeStep(block, config).eval()
+    args = _example_inputs(block, config, dtype)
+    R, P, pages, page = _dims(config)
+    dynamic: list[Any] = [
+        {0: R},  # x
+        {0: R},  # h
+        {0: pages, 1: page},  # pool_k
+        {0: pages, 1: page},  # pool_v
+        {0: R, 1: P},  # window
+        {0: R},  # positions
+        {0: R},  # setting
+    ]
+    dynamic.append(tuple([None] * (len(args) - len(dynamic))))  # *params: weights have static shapes
+    _aot_compile(step, args, dynamic, path)
+
+
+class DecodeGraph(nn.Module):
+    """A whole decode forward for rows that all run `n_steps` steps; weights are inputs.
+
+    embed -> the `n_steps` block steps of `run_trunk` (step i runs block
+    floor(i * n_blocks / n_steps) with h = horizon / n_steps, each a
+    `DecodeStep`) -> final norm -> head -> logits times the output
+    multiplier, as `LeanLM.forward` with `last_only` computes them for one new
+    token per row. Writes each step's new key and value into the pool (in
+    place, after every step has read its past).
+    """
+
+    def __init__(self, model: LeanLM, n_steps: int) -> None:
+        super().__init__()
+        c = model.config
+        self.steps = nn.ModuleList(DecodeStep(block, c) for block in model.blocks)
+        self.order = [(i * c.n_blocks) // n_steps for i in range(n_steps)]
+        self.n_steps = n_steps
+        self.horizon = c.horizon
+        self.norm_f = model.norm_f
+        self.norm_names = [name for name, _ in model.norm_f.named_parameters()]
+        ends = [len(self.norm_names)]
+        for step in self.steps:
+            ends.append(ends[-1] + len(step.param_names))
+        self.spans = list(zip(ends[:-1], ends[1:]))  # block k's slice of *params
+        self.logit_mult = c.logit_mult
+        self.has_setting = c.ffn != "dense"
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        pool_k: Tensor,
+        pool_v: Tensor,
+        tables: Tensor,
+        setting: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        head_t: Tensor,
+        *params: Tensor,
+    ) -> tuple[Tensor, ...]:
+        """One new token per row through the whole model.
+
+        Args:
+            tokens, positions: (R, 1) the new token and its position (= the
+                row's past length).
+            pool_k, pool_v: (pages, page_size, nh, hs) the whole KV pool;
+                mutated: the new keys and values are written into it.
+            tables: (R, N, P) the row's page ids per step (-1 = none), P pages
+                covering every row's new position; past pages are read
+                (the new token's page too, masked), the new one is written.
+            setting: (R,) experts top-k per row (ignored by a dense FFN).
+            wte: (V, d) token embedding; wpe: (context, d) positions; head_t:
+                (d, V) the output matrix laid out for the matmul.
+            *params: the final norm's parameters, then each block's in
+                `DecodeStep.param_names` order, blocks in model order.
+
+        Returns:
+            logits (R, 1, V), and for MoE the routed-token counts (E,) summed
+            over the steps.
+        """
+        R, page = tokens.shape[0], pool_k.shape[1]
+        x = wte[tokens] + wpe[positions]  # (R, 1, d)
+        h = self.horizon / torch.full_like(x[..., :1], self.n_steps)  # (R, 1, 1) as run_trunk computes it
+        windows = tables.transpose(0, 1)  # (N, R, P)
+        new_page = tables.gather(2, (positions // page)[:, None, :].expand(R, self.n_steps, 1))  # (R, N, 1)
+        slots = (new_page * page + (positions % page)[:, None, :]).transpose(0, 1).reshape(-1)  # (N R,)
+        ks, vs, counts = [], [], []
+        for i, k in enumerate(self.order):
+            lo, hi = self.spans[k]
+            out = self.steps[k](x, h, pool_k, pool_v, windows[i], positions, setting, *params[lo:hi])
+            x = out[0]
+            ks.append(out[1])
+            vs.append(out[2])
+            if self.has_setting:
+                counts.append(out[3])
+        norm = dict(zip(self.norm_names, params[: len(self.norm_names)]))
+        logits = torch.func.functional_call(self.norm_f, norm, (x,)) @ head_t  # (R, 1, V)
+        if self.logit_mult != 1.0:
+            logits = logits * self.logit_mult
+        nh, hs = pool_k.shape[2], pool_k.shape[3]
+        pool_k.view(-1, nh, hs).index_copy_(0, slots, torch.cat(ks).view(-1, nh, hs))  # (N R, nh, hs)
+        pool_v.view(-1, nh, hs).index_copy_(0, slots, torch.cat(vs).view(-1, nh, hs))
+        return (logits, torch.stack(counts).sum(0)) if self.has_setting else (logits,)
+
+
+def graph_key(model: LeanLM, n_steps: int, dtype: torch.dtype) -> str:
+    """Cache key of a model structure's whole-decode graph for `n_steps` steps."""
+    blocks = [structure_key(block, model.config, dtype) for block in model.blocks]
+    data = {"blocks": blocks, "norm_f": [list(p.shape) for p in model.norm_f.parameters()], "steps": n_steps}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _graph_params(model: LeanLM) -> list[Tensor]:
+    """`DecodeGraph`'s *params for `model`: the final norm's, then every block's."""
+    params = [p.detach() for p in model.norm_f.parameters()]
+    for block in model.blocks:
+        params.extend(p.detach() for p in block.parameters())
+    return params
+
+
+def head_matrix(model: LeanLM) -> Tensor:
+    """The output matrix as a contiguous (d, V) copy.
+
+    `x @ W_t` is ~30 % faster than `x @ W.t()` at decode's few rows on CPU
+    (123 vs 177 us for 16 x 128 x 4096). Costs V x d more memory (2 MB for the zoo).
+    """
+    head = model.wte.weight if model.head is None else model.head.weight
+    return head.detach().t().contiguous()
+
+
+def compile_graph(model: LeanLM, n_steps: int, dtype: torch.dtype, path: Path) -> None:
+    """Export the whole-decode graph of `model` for `n_steps` steps; AOT-compile it to `path`."""
+    c = model.config
+    graph = DecodeGraph(model, n_steps).eval()
+    R_, P_, page_ = 2, 2, 4  # not 0 or 1: torch.export keeps every dynamic axis symbolic
+    pool = tuple(torch.zeros(3, page_, c.n_heads, c.head_dim, dtype=dtype) for _ in range(2))
+    args = (
+        torch.ones(R_, 1, dtype=torch.long),  # tokens
+        torch.full((R_, 1), P_ * page_ - 1, dtype=torch.long),  # positions
+        *pool,
+        torch.zeros(R_, n_steps, P_, dtype=torch.long),  # tables
+        torch.full((R_,), full_setting(c), dtype=torch.long),  # setting
+        model.wte.weight.detach(),
+        model.wpe.weight.detach(),
+        head_matrix(model),
+        *_graph_params(model),
+    )
+    R, P, pages, page = _dims(c)
+    dynamic: list[Any] = [
+        {0: R},  # tokens
+        {0: R},  # positions
+        {0: pages, 1: page},  # pool_k
+        {0: pages, 1: page},  # pool_v
+        {0: R, 2: P},  # tables
+        {0: R},  # setting
+        None,  # wte
+        None,  # wpe
+        None,  # head_t
+        tuple([None] * (len(args) - 9)),  # *params
+    ]
+    _aot_compile(graph, args, dynamic, path)
+
+
+class CompiledDecode:
+    """The compiled decode of one model: per-block steps (`run_block`, `run_trunk`'s
+    `reads_pool` executor) and whole-decode graphs for `graph_steps` (`run_graph`)."""
+
+    def __init__(self, model: LeanLM, cache_dir: Path | None = None, graph_steps: Iterable[int] = ()) -> None:
+        """Load (or compile and cache) the decode step of every distinct block
+        structure and the whole-decode graph of every step count in `graph_steps`.
 
         Args:
             model: the model (eval mode; its parameters are passed to the graphs,
                 and the KV pool must have their dtype).
             cache_dir: artifact cache (default `default_cache_dir()`).
+            graph_steps: step counts that get a whole-decode graph (each
+                within the model's step range).
 
         Raises:
-            ValueError: the model's FFN cannot be compiled (names `compile` and the FFN).
+            ValueError: the model's FFN cannot be compiled (names `compile` and
+                the FFN), or a step count is outside the model's range.
         """
         c = model.config
         if c.ffn not in COMPILABLE_FFNS:
@@ -316,6 +493,12 @@ class CompiledDecode:
                 f"compile: the compiled decode path supports ffn in {COMPILABLE_FFNS}, this model has "
                 f"ffn={c.ffn!r}; run it without compile"
             )
+        lo, hi = c.step_range
+        graph_steps = list(graph_steps)
+        bad = [n for n in graph_steps if isinstance(n, bool) or not isinstance(n, int) or not lo <= n <= hi]
+        if bad:
+            raise ValueError(f"compile_steps={bad}: each must be an integer in [{lo}, {hi}] for this model")
+        graph_steps = sorted(set(graph_steps))
         self.config = c
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.dtype = dtype = next(model.parameters()).dtype  # the KV pool must match
@@ -325,19 +508,50 @@ class CompiledDecode:
         for block in model.blocks:
             key = structure_key(block, c, dtype)
             if key not in self._runners:
-                path = self.cache_dir / "aot" / f"decode-step-{key}.pt2"
-                if not path.is_file():
-                    t0 = time.perf_counter()
-                    log.info("compiling the decode step of %s (first use; cached in %s)", c.name, path)
-                    compile_step(block, c, dtype, path)
-                    log.info("compiled in %.1f s", time.perf_counter() - t0)
-                    self.compiled_keys.append(key)
-                # The package's Python wrapper re-parses its call spec (JSON) and
-                # pytree-flattens every call (~20 us); the inputs are already a flat
-                # tensor list in the exported order, so call the loader directly.
-                self._runners[key] = torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+                self._runners[key] = self._load(
+                    f"decode-step-{key}", lambda path, b=block: compile_step(b, c, dtype, path)
+                )
             self._blocks.append((key, [p.detach() for p in block.parameters()]))
         self._default_settings: dict[int, Tensor] = {}  # rows -> (R,) the trained maximum
+        self.head_t = head_matrix(model)  # (d, V)
+        # Inputs every graph call shares, after the per-call ones (see `DecodeGraph.forward`).
+        self._graph_weights = [model.wte.weight.detach(), model.wpe.weight.detach(), self.head_t]
+        self._graph_weights += _graph_params(model)
+        self._graphs: dict[int, Any] = {}
+        for n in graph_steps:
+            key = graph_key(model, n, dtype)
+            self._graphs[n] = self._load(
+                f"decode-graph-{key}", lambda path, n=n: compile_graph(model, n, dtype, path)
+            )
+
+    @property
+    def graph_steps(self) -> frozenset[int]:
+        """Step counts with a whole-decode graph."""
+        return frozenset(self._graphs)
+
+    def _load(self, name: str, compile_to: Any) -> Any:
+        """The runner of artifact `name`, compiled with `compile_to(path)` unless cached."""
+        path = self.cache_dir / "aot" / f"{name}.pt2"
+        if not path.is_file():
+            t0 = time.perf_counter()
+            log.info("compiling %s of %s (first use; cached in %s)", name, self.config.name, path)
+            compile_to(path)
+            log.info("compiled in %.1f s", time.perf_counter() - t0)
+            self.compiled_keys.append(name)
+        # The package's Python wrapper re-parses its call spec (JSON) and
+        # pytree-flattens every call (~20 us); the inputs are already a flat
+        # tensor list in the exported order, so call the loader directly.
+        return torch._inductor.aoti_load_package(str(path)).loader.boxed_run
+
+    def _setting(self, R: int, setting: Tensor | None) -> Tensor:
+        """The graphs take a (R,) setting; None = the trained maximum (a dense FFN ignores it)."""
+        if setting is not None:
+            return setting
+        default = self._default_settings.get(R)
+        if default is None:
+            default = torch.full((R,), full_setting(self.config), dtype=torch.long)
+            self._default_settings[R] = default
+        return default
 
     def run_block(
         self,
@@ -351,12 +565,33 @@ class CompiledDecode:
     ) -> BlockOut:
         """Block `k`'s decode step: x (R, 1, d), h (R, 1, 1), window (R, P), positions (R, 1)."""
         key, params = self._blocks[k]
-        R = x.shape[0]
-        if setting is None:  # the graph takes a (R,) setting; a dense FFN ignores it
-            setting = self._default_settings.get(R)
-            if setting is None:
-                setting = torch.full((R,), full_setting(self.config), dtype=torch.long)
-                self._default_settings[R] = setting
+        setting = self._setting(x.shape[0], setting)
         out = self._runners[key]([x, h, *pool, window, positions, setting, *params])
         counts = out[3] if len(out) > 3 else None
         return BlockOut(out[0], out[1], out[2], counts, None)
+
+    def run_graph(
+        self,
+        n_steps: int,
+        tokens: Tensor,
+        positions: Tensor,
+        pool: tuple[Tensor, Tensor],
+        tables: Tensor,
+        setting: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The whole decode of rows that all run `n_steps` steps (a step count in `graph_steps`).
+
+        Writes the new keys and values of every step into `pool`.
+
+        Args:
+            tokens, positions: (R, 1); pool: (k, v), each (pages, page_size,
+                nh, hs); tables: (R, N, P) contiguous page ids, P pages covering
+                every row's new position; setting: (R,) or None (the trained
+                maximum).
+
+        Returns:
+            logits (R, 1, V) and the expert counts (E,), or None (dense FFN).
+        """
+        setting = self._setting(tokens.shape[0], setting)
+        out = self._graphs[n_steps]([tokens, positions, *pool, tables, setting, *self._graph_weights])
+        return out[0], out[1] if len(out) > 1 else None

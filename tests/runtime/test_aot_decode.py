@@ -2,8 +2,10 @@
 
 Two tiny models cover what changes the compiled graph: a prenorm + dense stack
 (three blocks of one structure: one artifact) and a shared sasp + MoE ODE
-trunk (experts routed inside the graph with data-dependent sizes). Each is
-compiled once per module into a temporary cache (~10-20 s each).
+trunk (experts routed inside the graph with data-dependent sizes). Each runs
+in two modes: "graphs" (whole-decode graphs for the lowest and the middle
+step count, every other count block by block) and "blocks" (per-block steps only).
+Artifacts are compiled once per module into a temporary cache (~10-30 s each).
 """
 
 from __future__ import annotations
@@ -32,16 +34,24 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("aot-cache")
 
 
+MODES = ("graphs", "blocks")
+
+
 @pytest.fixture(scope="module")
-def compiled(cache_dir) -> dict[str, tuple[LeanLM, TorchBackend]]:
+def compiled(cache_dir) -> dict[tuple[str, str], tuple[LeanLM, TorchBackend]]:
     out = {}
     for name, overrides in CONFIGS.items():
         model = perturbed_model(tiny_config(**overrides))
-        out[name] = (model, TorchBackend(model, compile=True, cache_dir=cache_dir))
+        lo, hi = model.config.step_range
+        for mode, steps in zip(MODES, ([lo, (lo + hi) // 2], [])):
+            out[name, mode] = (
+                model,
+                TorchBackend(model, compile=True, cache_dir=cache_dir, compile_steps=steps),
+            )
     return out
 
 
-@pytest.fixture(params=list(CONFIGS))
+@pytest.fixture(params=[(name, mode) for name in CONFIGS for mode in MODES], ids="-".join)
 def case(request, compiled):
     return compiled[request.param]
 
@@ -71,40 +81,81 @@ def test_paged_attention_matches_dense_attention_over_the_gathered_past() -> Non
 
 
 def test_decode_head_copy_gives_the_models_logits(compiled) -> None:
-    model, backend = compiled["stack-prenorm-dense"]
+    model, backend = compiled["stack-prenorm-dense", "blocks"]
     x = torch.randn(3, 1, model.config.d_model)
     with torch.inference_mode():
-        torch.testing.assert_close(model.logits(x, backend._head_t), model.logits(x), atol=TOL, rtol=TOL)
+        head_t = backend.compiled.head_t
+        torch.testing.assert_close(model.logits(x, head_t), model.logits(x), atol=TOL, rtol=TOL)
 
 
-def test_one_artifact_per_block_structure(compiled, cache_dir) -> None:
-    model, backend = compiled["stack-prenorm-dense"]
+def test_one_artifact_per_block_structure_and_per_graph_step_count(compiled, cache_dir) -> None:
+    model, backend = compiled["stack-prenorm-dense", "graphs"]
     assert model.config.n_blocks == 3 and backend.name == "torch-aot"
     assert len(set(key for key, _ in backend.compiled._blocks)) == 1
     assert len(list((cache_dir / "aot").glob("decode-step-*.pt2"))) == len(CONFIGS)
+    # The stack has one step count (3), the ODE trunk graphs for 2 and 4.
+    assert backend.compiled.graph_steps == {3}
+    assert compiled["ode-sasp-moe", "graphs"][1].compiled.graph_steps == {2, 4}
+    assert len(list((cache_dir / "aot").glob("decode-graph-*.pt2"))) == 3
 
 
 def test_second_load_comes_from_the_cache(compiled, cache_dir) -> None:
-    model, _ = compiled["ode-sasp-moe"]
-    again = CompiledDecode(model, cache_dir)
+    model, _ = compiled["ode-sasp-moe", "graphs"]
+    again = CompiledDecode(model, cache_dir, graph_steps=[4, 2])
     assert again.compiled_keys == []  # nothing compiled: loaded from disk
+    assert again.graph_steps == {2, 4}
+
+
+@pytest.mark.parametrize(
+    "steps, error",
+    [
+        ([7], r"compile_steps=\[7\]: each must be an integer in \[2, 6\]"),
+        ([1, 3], r"compile_steps=\[1\]"),
+        (["4"], r"compile_steps=\['4'\]"),
+        ("some", r"compile_steps='some': must be 'all' or a list"),
+    ],
+)
+def test_compile_steps_out_of_range_is_refused_by_name(compiled, cache_dir, steps, error) -> None:
+    model, _ = compiled["ode-sasp-moe", "graphs"]
+    with pytest.raises(ValueError, match=error):
+        TorchBackend(model, compile=True, cache_dir=cache_dir, compile_steps=steps)
+
+
+def test_compile_steps_all_and_default(compiled, cache_dir, monkeypatch) -> None:
+    """ "all" is the model's whole range; None is the step counts the policy picks by itself."""
+    import runtime.backends.aot_decode as aot
+
+    model, _ = compiled["ode-sasp-moe", "graphs"]
+    seen = []
+    monkeypatch.setattr(
+        aot.CompiledDecode, "__init__", lambda self, m, cache, steps: seen.append(list(steps))
+    )
+    TorchBackend(model, compile=True, cache_dir=cache_dir, compile_steps="all")
+    TorchBackend(model, compile=True, cache_dir=cache_dir)
+    assert seen == [[2, 3, 4, 5, 6], [2, 3, 6]]  # default 6; tiers fast 2, balanced 3, best 6
+    with pytest.raises(ValueError, match="compile_steps: needs compile=True"):
+        TorchBackend(model, compile_steps=[2])
 
 
 @torch.no_grad()
-def test_decode_matches_eager_with_mixed_steps_and_experts(case) -> None:
+@pytest.mark.parametrize("pattern", ["mixed", "uniform"])
+def test_decode_matches_eager_with_mixed_steps_and_experts(case, pattern) -> None:
     """Prefill (eager in both) then 9 decode steps of 3 rows with different past lengths,
-    step counts and expert settings; crosses page boundaries (page_size 4), so the
-    window grows from 1 page. Logits, expert counts, greedy tokens and the KV pool agree."""
+    step counts (all the middle one with "uniform") and expert settings; crosses page
+    boundaries (page_size 4), so the window grows from 1 page. Logits, expert counts,
+    greedy tokens and the KV pool agree. With graphs, "mixed" runs two graph groups
+    and one row block by block, "uniform" one graph call for all rows."""
     model, backend = case
     c = model.config
     lo, hi = c.step_range
-    steps = torch.tensor([hi, lo, (lo + hi) // 2])
+    mid = (lo + hi) // 2
+    steps = torch.tensor([hi, lo, mid] if pattern == "mixed" else [mid] * 3)
     options = next(iter(c.expert_options.values()), None)
     experts = None if options is None else torch.tensor([options[0], options[-1], options[0]])
     prompts = [[5, 17, 42], [8], [63, 1, 2, 3, 4, 5]]
     caches = {}
     for name, forward in (("eager", model), ("aot", backend.forward)):
-        cache = PagedKVCache(c, num_pages=64, page_size=4)
+        cache = PagedKVCache(c, num_pages=128, page_size=4)
         for b, p in enumerate(prompts):
             cache.reserve(b, int(steps[b]), len(p) + 10)
             sel = slice(b, b + 1)
@@ -198,7 +249,9 @@ def test_engine_with_compiled_decode_gives_the_eager_tokens(tokenizer, arun, cac
     ]
     results = {}
     for compiled in (False, True):
-        backend = TorchBackend(model, compile=compiled, cache_dir=cache_dir)
+        # A graph for 2 steps; the requests at 6 and 4 run block by block in the same batch.
+        graphs = [2] if compiled else None
+        backend = TorchBackend(model, compile=compiled, cache_dir=cache_dir, compile_steps=graphs)
         engine = Engine(backend, tokenizer, EngineConfig(**settings))
         results[compiled] = arun(run_batched(engine, requests))
         assert engine.stats().kv_used_bytes == 0

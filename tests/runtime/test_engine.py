@@ -531,3 +531,34 @@ def test_no_request_leaves_state_behind_whatever_way_it_ends(make_engine, arun):
     # per-request leak shows as hundreds of KB. Measured without one: ~42 KB over the first 10
     # rounds (warm-up), ~15 KB over the next 30, ~4 KB over the 60 after: caches that fill, no trend.
     assert grown < 64 * 1024, f"Python heap grew {grown} bytes over 200 requests"
+
+
+def test_from_model_dir_compiles_graphs_for_the_steps_its_policy_picks(tiny_model_dir, monkeypatch) -> None:
+    """With compile=True and no compile_steps, the backend is asked for whole-decode graphs
+    for the engine's own default step count (or SLO range) and the profile's tiers;
+    explicit compile_steps pass through; without compile nothing is added."""
+    import runtime.backends as backends
+    from models.checkpoint import load_config
+    from runtime.engine import Engine, EngineConfig
+    from runtime.policy import ModelProfile
+
+    calls = []
+    real = backends.load_backend
+
+    def record(model_dir, kind="torch", **kwargs):
+        calls.append(kwargs)
+        return real(model_dir, kind)  # eager: the wiring is what is tested here
+
+    monkeypatch.setattr(backends, "load_backend", record)
+    config = load_config(tiny_model_dir)  # steps in [2, 4]
+    tiers = {t.steps for t in ModelProfile.load(config, tiny_model_dir).tiers.values()}
+    Engine.from_model_dir(tiny_model_dir, EngineConfig(default_steps=3), compile=True)
+    Engine.from_model_dir(tiny_model_dir, EngineConfig(slo_target_itl_ms=5.0, slo_min_steps=3), compile=True)
+    Engine.from_model_dir(tiny_model_dir, None, compile=True, compile_steps=[2])
+    Engine.from_model_dir(tiny_model_dir)
+    assert calls == [
+        {"compile": True, "compile_steps": sorted({3} | tiers)},
+        {"compile": True, "compile_steps": sorted({3, 4} | tiers)},
+        {"compile": True, "compile_steps": [2]},
+        {},
+    ]

@@ -160,6 +160,13 @@ def test_builder_args_are_validated_before_ray():
         ServeArgs.from_dict({"compile": True, "backend": "onnx"})
     with pytest.raises(ValueError, match="compile='yes' must be true or false"):
         ServeArgs.from_dict({"compile": "yes"})
+    assert ServeArgs.from_dict({"compile": True, "compile_steps": [2, 12]}).compile_steps == [2, 12]
+    assert ServeArgs.from_dict({"compile": True, "compile_steps": "all"}).compile_steps == "all"
+    with pytest.raises(ValueError, match="compile_steps: needs compile=true"):
+        ServeArgs.from_dict({"compile_steps": [2]})
+    for bad in ("most", [2, "3"], 4, [True]):
+        with pytest.raises(ValueError, match=r"compile_steps=.*: must be 'all' or a list of step counts"):
+            ServeArgs.from_dict({"compile": True, "compile_steps": bad})
 
 
 def _delta(i: int, n: int) -> RequestOutput:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models.cost import CostModel
-from runtime.policy import ModelProfile, SLOController, StepPolicy, Tier
+from runtime.policy import ModelProfile, SLOController, StepPolicy, Tier, automatic_steps
 from runtime.types import ComputeParams
 
 from .conftest import tiny_model_config
@@ -27,6 +27,15 @@ def test_profile_tiers_are_read_and_checked(moe_config):
     assert profile.tiers["fast"] == Tier(3, 1) and profile.tiers["balanced"] == Tier(3)
     with pytest.raises(ValueError, match="quality_tiers.fast.steps=9"):
         ModelProfile.from_dict(moe_config, {"quality_tiers": {"fast": {"steps": 9}}})
+
+
+def test_automatic_steps_are_the_default_the_slo_range_and_the_tiers(moe_config):
+    """What the compiled backend builds whole-decode graphs for."""
+    assert automatic_steps(moe_config) == [2, 3, 6]  # default 6; tiers 2, 3, 6
+    assert automatic_steps(moe_config, default_steps=4) == [2, 3, 4, 6]
+    profile = ModelProfile.from_dict(moe_config, {"quality_tiers": {"fast": {"steps": 5}}})
+    assert automatic_steps(moe_config, profile) == [3, 5, 6]
+    assert automatic_steps(moe_config, default_steps=4, slo_range=(4, 5)) == [2, 3, 4, 5, 6]
 
 
 def test_precedence_explicit_quality_budget_default(moe_config):

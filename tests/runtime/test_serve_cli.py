@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.serve_cli import _app_args, resolve_ports
+from runtime.serve_cli import _app_args, parse_steps, resolve_ports
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "deploy" / "serve" / "leanserve.yaml"
@@ -17,7 +17,7 @@ def _args(**kw) -> argparse.Namespace:
     base = dict(
         config=None, grpc_port=None, http_port=None, model_dir=None, threads=None, replicas=None,
         max_batch_size=None, max_waiting=None, kv_cache_bytes=None, default_steps=None,
-        slo_target_itl_ms=None, compile=False,
+        slo_target_itl_ms=None, compile=False, compile_steps=None,
     )  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
@@ -49,6 +49,15 @@ def test_serve_config_application_args_and_flag_overrides():
     assert "grpc_options" not in cfg and "http_options" not in cfg
     assert "compile" not in cfg
     assert _app_args(_args(config=str(SERVE_CONFIG), compile=True))["compile"] is True
+    assert "compile_steps" not in cfg
+    assert _app_args(_args(compile=True, compile_steps="2,3,12"))["compile_steps"] == [2, 3, 12]
+
+
+def test_compile_steps_flag_is_all_or_a_list():
+    assert parse_steps("all") == "all"
+    assert parse_steps("4") == [4]
+    with pytest.raises(ValueError, match=r"--compile-steps='2-4': must be 'all' or comma-separated"):
+        parse_steps("2-4")
 
 
 def test_local_env_fills_gaps_and_leaves_what_the_user_set(monkeypatch):
