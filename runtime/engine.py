@@ -95,6 +95,16 @@ class EngineConfig:
     slo_min_steps: int | None = None
     slo_max_steps: int | None = None
 
+    def slo_range(self, model: ModelConfig) -> tuple[int, int] | None:
+        """The SLO controller's step bounds for `model` (None: no controller)."""
+        if self.slo_target_itl_ms is None:
+            return None
+        lo, hi = model.step_range
+        return (
+            self.slo_min_steps if self.slo_min_steps is not None else lo,
+            self.slo_max_steps if self.slo_max_steps is not None else hi,
+        )
+
 
 # ----------------------------------------------------------------------------
 # Validation: the one place that decides whether a request is acceptable
@@ -324,12 +334,11 @@ class Engine:
         self.kv = PagedKVCache.for_budget(mc, ec.kv_cache_bytes, ec.page_size, device=device)
         self.scheduler = Scheduler(self.kv, ec.max_batch_size, ec.max_waiting, ec.max_prefills)
         slo = None
-        if ec.slo_target_itl_ms is not None:
-            lo, hi = mc.step_range
+        slo_range = ec.slo_range(mc)
+        if slo_range is not None:
             slo = SLOController(
                 ec.slo_target_itl_ms / 1000.0,
-                ec.slo_min_steps if ec.slo_min_steps is not None else lo,
-                ec.slo_max_steps if ec.slo_max_steps is not None else hi,
+                *slo_range,
                 window=ec.slo_window,
                 hysteresis=ec.slo_hysteresis,
                 initial_steps=ec.default_steps,
@@ -373,13 +382,7 @@ class Engine:
         if kwargs.get("compile") and kwargs.get("compile_steps") is None:
             # Whole-decode graphs for the step counts this engine's policy picks by itself.
             ec = config or EngineConfig()
-            lo, hi = model_config.step_range
-            slo = None
-            if ec.slo_target_itl_ms is not None:
-                slo = (
-                    ec.slo_min_steps if ec.slo_min_steps is not None else lo,
-                    ec.slo_max_steps if ec.slo_max_steps is not None else hi,
-                )
+            slo = ec.slo_range(model_config)
             kwargs["compile_steps"] = automatic_steps(model_config, profile, ec.default_steps, slo)
         be = load_backend(model_dir, backend, **kwargs)
         tok = load_tokenizer(Path(model_dir) / TOKENIZER_FILE)

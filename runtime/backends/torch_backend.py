@@ -127,17 +127,19 @@ class TorchBackend:
             if n in graphs:
                 return self._graph_decode(n, tokens, positions, kv, experts)
             return self._block_decode(tokens, positions, steps, kv, experts)
-        by_graph = [(n, rows) for n, rows in rows_by_steps.items() if n in graphs]
+        # One group per step count with a graph, then every other row together (n = None).
+        groups: list[tuple[int | None, list[int]]] = [(n, r) for n, r in rows_by_steps.items() if n in graphs]
         rest = [b for n, rows in rows_by_steps.items() if n not in graphs for b in rows]
+        if rest:
+            groups.append((None, rest))
         parts: list[tuple[Tensor, ModelOutput]] = []
-        for n, rows in by_graph:
+        for n, rows in groups:
             idx = torch.tensor(rows)
             sel = None if experts is None else experts[idx]
-            parts.append((idx, self._graph_decode(n, tokens[idx], positions[idx], kv.rows(rows), sel)))
-        if rest:
-            idx = torch.tensor(rest)
-            sel = None if experts is None else experts[idx]
-            out = self._block_decode(tokens[idx], positions[idx], steps[idx], kv.rows(rest), sel)
+            if n is None:
+                out = self._block_decode(tokens[idx], positions[idx], steps[idx], kv.rows(rows), sel)
+            else:
+                out = self._graph_decode(n, tokens[idx], positions[idx], kv.rows(rows), sel)
             parts.append((idx, out))
         B, V = tokens.shape[0], parts[0][1].logits.shape[-1]
         logits = parts[0][1].logits.new_empty(B, 1, V)
