@@ -361,7 +361,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile-steps",
         help="with --compile: step counts with a whole-decode graph, e.g. 2,3,12 or 'all' "
-        "(default: the default step count and the quality tiers')",
+        "(default: the default step count, the SLO controller's range and the quality tiers')",
     )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
 

@@ -34,14 +34,14 @@ decode forward of rows that all run N steps is one more artifact,
 so a token costs one native call instead of N calls and a scatter with
 Python between them. At these sizes that Python is not only its own cost: it
 evicts the weights from the caches between calls, so each block and the head
-run ~2x slower in place than alone. Measured (stack-tiny, one core, pinned):
-~600 -> ~240 us per forward at batch 1, ~1320 -> ~900 us at batch 16 with
-48-token pasts. One artifact per (block structure, N): rows R and pages P stay
-symbolic and the weights are inputs, as above. The graph writes the pool in
-place (AOTInductor mutates the input buffer itself, ~2 us; nothing copies the
-pool). Batches that mix step counts
-run each step count that has a graph as its own group and the rest through
-the per-block steps (runtime/backends/torch_backend.py).
+run ~2x slower in place than alone. Measured through the backend (stack-tiny,
+one core, pinned): 601 -> 310 us per forward at batch 1, 1322 -> 996 us at
+batch 16 with 48-token pasts. One artifact per (block structure, N): rows R
+and pages P stay symbolic and the weights are inputs, as above. The graph
+writes the pool in place (AOTInductor mutates the input buffer itself, ~2 us;
+nothing copies the pool). Batches that mix step counts run each step count
+that has a graph as its own group and the rest through the per-block steps
+(runtime/backends/torch_backend.py).
 
 Prefill (T > 1) stays eager: it runs once per request and is matmul-bound.
 
