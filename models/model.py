@@ -23,10 +23,12 @@ Shape legend:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig
@@ -117,7 +119,7 @@ class LeanLM(nn.Module):
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens, positions (B, T) -> x (B, T, d): token plus learned position embedding."""
-        return self.wte(tokens) + self.wpe(positions)
+        return F.embedding(tokens, self.wte.weight) + F.embedding(positions, self.wpe.weight)
 
     def logits(self, x: Tensor, head_t: Tensor | None = None) -> Tensor:
         """x (B, T, d) after the trunk -> logits (B, T, V): final norm, head, 1/m_N.
@@ -187,21 +189,32 @@ class LeanLM(nn.Module):
 # --- shared by every executor of the trunk (LeanLM here, the ONNX backend in runtime/) ---------------
 
 
+def _bounds(t: Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor, in one reduction."""
+    lo, hi = torch.aminmax(t)
+    return int(lo), int(hi)
+
+
 def check_inputs(
     config: ModelConfig, tokens: Tensor, positions: Tensor, steps: Tensor, setting: Tensor | None
 ) -> None:
     """Raise ValueError naming the argument that is out of the model's range."""
     c = config
     lo, hi = c.step_range
-    if steps.numel() and (int(steps.min()) < lo or int(steps.max()) > hi):
-        bad = steps[(steps < lo) | (steps > hi)][0].item()
-        raise ValueError(f"steps={bad}: must lie in [{lo}, {hi}] for this model")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= c.context_length):
-        raise ValueError(
-            f"positions up to {int(positions.max())}: must lie in [0, {c.context_length - 1}] "
-            f"(context_length={c.context_length})"
-        )
-    if int(tokens.min()) < 0 or int(tokens.max()) >= c.vocab_size:
+    if steps.numel():
+        s_min, s_max = _bounds(steps)
+        if s_min < lo or s_max > hi:
+            bad = s_min if s_min < lo else s_max
+            raise ValueError(f"steps={bad}: must lie in [{lo}, {hi}] for this model")
+    if positions.numel():
+        p_min, p_max = _bounds(positions)
+        if p_min < 0 or p_max >= c.context_length:
+            raise ValueError(
+                f"positions up to {p_max}: must lie in [0, {c.context_length - 1}] "
+                f"(context_length={c.context_length})"
+            )
+    t_min, t_max = _bounds(tokens)
+    if t_min < 0 or t_max >= c.vocab_size:
         raise ValueError(f"tokens: ids must lie in [0, {c.vocab_size - 1}]")
     if setting is not None:
         if c.ffn == "dense":
@@ -209,7 +222,8 @@ def check_inputs(
         name, lo_e, hi_e = (
             ("experts_top_k", 1, c.experts_top_k) if c.ffn == "moe" else ("expert_depth", 0, c.tree_depth)
         )
-        if int(setting.min()) < lo_e or int(setting.max()) > hi_e:
+        e_min, e_max = _bounds(setting)
+        if e_min < lo_e or e_max > hi_e:
             raise ValueError(f"{name}: must lie in [{lo_e}, {hi_e}] for this model")
 
 
@@ -322,7 +336,12 @@ def run_trunk(
     c = config
     B, T = positions.shape
     device = x.device
-    h_all = (c.horizon / steps.to(x.dtype)).view(B, 1, 1)  # (B, 1, 1) Euler step per row
+    # Loop bounds and grouping come from one host copy of the step counts
+    # (one sync instead of one per reduction).
+    step_list = steps.tolist()
+    n_iter = max(step_list)
+    uniform_steps = min(step_list) == n_iter
+    h_all = _step_sizes(c.horizon, steps, n_iter if uniform_steps else None, x.dtype)  # (B, 1, 1)
     if reads_pool and kv is None:
         raise ValueError("reads_pool: needs a KV cache view")
     fused = kv is not None and writes_kv and not reads_pool
@@ -337,7 +356,7 @@ def run_trunk(
         # The window: pages covering the furthest new token of any row.
         P = -(-(int(positions[:, -1].max()) + 1) // page_size)
         mask_all = window_mask(positions, P * page_size)  # (B, 1, T, S')
-        no_past = x.new_zeros(0)
+        no_past = x.new_empty(0)
     else:
         past_len = positions[:, 0] if kv is not None else torch.zeros(B, dtype=torch.long, device=device)
         P = -(-int(past_len.max()) // page_size) if kv is not None else 0  # pages covering the longest past
@@ -349,8 +368,6 @@ def run_trunk(
 
     aux_total: Tensor | None = None
     counts_total: Tensor | None = None
-    n_iter = int(steps.max())
-    uniform_steps = bool((steps == n_iter).all())
     for i in range(n_iter):
         if uniform_steps:
             # Every row runs this step with the same block: no indexing, no host sync.
@@ -399,6 +416,30 @@ def run_trunk(
         else:
             kv.pool.scatter(*(torch.cat(parts) for parts in zip(*pending)))
     return x, aux_total, counts_total
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_step_sizes(horizon: float, n: int, B: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(B, 1, 1) contiguous Euler steps `horizon / n`, computed as for a (B,) steps tensor.
+
+    A constant shared by every call with this shape, so it is made outside
+    inference mode (usable under autograd too) and never written to.
+    Contiguous because compiled executors read it with dense strides.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        return horizon / torch.full((B,), n, device=device).to(dtype).view(B, 1, 1)
+
+
+def _step_sizes(horizon: float, steps: Tensor, uniform: int | None, dtype: torch.dtype) -> Tensor:
+    """(B, 1, 1) Euler step per row; `uniform` = the step count when every row shares it.
+
+    Both branches compute `horizon / N` the same way (bit-identical h), so a
+    row's result does not depend on whether its batch is uniform.
+    """
+    B = steps.shape[0]
+    if uniform is not None:
+        return _uniform_step_sizes(horizon, uniform, B, dtype, steps.device)
+    return (horizon / steps.to(dtype)).view(B, 1, 1)
 
 
 def _kv_hook(kv: KVBatch, window_pages: Tensor, slots: Tensor) -> KVWrite:

@@ -92,6 +92,25 @@ def test_rows_with_different_steps_equal_each_row_alone(tiny, make_model, ffn, n
             torch.testing.assert_close(batched[b : b + 1], alone, rtol=0, atol=1e-5)
 
 
+def test_uniform_batch_step_size_is_bit_identical_and_trainable(tiny, make_model):
+    """A uniform batch reuses one cached h tensor: the same bits as the per-row
+    division, dense strides, and usable under autograd after inference made it."""
+    from models.model import _step_sizes, _uniform_step_sizes
+
+    config = tiny(trunk="ode", min_steps=2, max_steps=6)
+    mixed = _step_sizes(config.horizon, torch.tensor([5, 3, 5]), None, torch.float32)
+    uniform = _step_sizes(config.horizon, torch.tensor([5, 5]), 5, torch.float32)
+    assert torch.equal(uniform[0], mixed[0]) and uniform.shape == (2, 1, 1) and uniform.is_contiguous()
+    model = make_model(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 6))
+    _uniform_step_sizes.cache_clear()
+    with torch.inference_mode():
+        model(tokens, steps=5)  # first use creates the cached constant
+    loss = model(tokens, steps=5).logits.logsumexp(-1).mean()
+    loss.backward()  # an inference tensor saved for backward would raise here
+    assert all(p.grad is not None for p in model.blocks.parameters() if p.requires_grad)
+
+
 def test_iteration_i_runs_only_rows_with_more_steps(tiny, make_model, monkeypatch):
     """No padding work: the number of block-row applications is sum(N_b)."""
     config = tiny(trunk="ode", min_steps=2, max_steps=6)
