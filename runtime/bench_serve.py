@@ -216,7 +216,9 @@ def main(args: Any) -> int:
     model_dir = str(resolve_model_dir(args.model_dir))
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    engine_args = {"max_batch_size": 4, "max_waiting": 8, "kv_cache_bytes": 64 * 2**20}
+    engine_args: dict[str, Any] = {"max_batch_size": 4, "max_waiting": 8, "kv_cache_bytes": 64 * 2**20}
+    if getattr(args, "inline_decode_ms", None) is not None:
+        engine_args["inline_decode_ms"] = args.inline_decode_ms
     print(
         f"{model_dir}: {args.runs} paired rounds of {args.new_tokens} tokens at steps={args.steps}, "
         f"{threads} torch threads" + (", compiled decode" if args.compile else "")

@@ -249,6 +249,12 @@ def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch backend with AOT-compiled decode steps (cached after the first run)",
     )
+    p.add_argument(
+        "--inline-decode-ms",
+        type=float,
+        default=None,
+        help="engine: decode iterations shorter than this run on the event loop (default 5; 0 = never)",
+    )
     p.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -262,6 +268,12 @@ def _add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads in engine and replica")
     p.add_argument("--port", type=int, default=9100, help="gRPC port of the Serve (+1 HTTP, +2 metrics)")
     p.add_argument("--compile", action="store_true", help="AOT-compiled decode steps in both engines")
+    p.add_argument(
+        "--inline-decode-ms",
+        type=float,
+        default=None,
+        help="both engines: decode iterations shorter than this run on the event loop (default 5; 0 = never)",
+    )
 
 
 _BENCHES = {
@@ -352,6 +364,12 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, help="engine: KV pool bytes per replica")
     p.add_argument("--default-steps", type=int, help="engine: default step count")
     p.add_argument("--slo-target-itl-ms", type=float, help="engine: adapt default steps to this ITL")
+    p.add_argument(
+        "--inline-decode-ms",
+        type=float,
+        help="engine: decode iterations shorter than this run on the event loop, not the worker thread "
+        "(default 5; 0 = never)",
+    )
     p.add_argument("--threads", type=int, help="torch threads per replica")
     p.add_argument(
         "--compile",

@@ -178,7 +178,15 @@ def _app_args(args: Any) -> dict[str, Any]:
     if args.compile_steps:
         cfg["compile_steps"] = parse_steps(args.compile_steps)
     engine = dict(cfg.pop("engine", None) or {})
-    for flag in ("max_batch_size", "max_waiting", "kv_cache_bytes", "default_steps", "slo_target_itl_ms"):
+    engine_flags = (
+        "max_batch_size",
+        "max_waiting",
+        "kv_cache_bytes",
+        "default_steps",
+        "slo_target_itl_ms",
+        "inline_decode_ms",
+    )
+    for flag in engine_flags:
         if getattr(args, flag) is not None:
             engine[flag] = getattr(args, flag)
     cfg["engine"] = engine

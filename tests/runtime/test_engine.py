@@ -533,6 +533,76 @@ def test_no_request_leaves_state_behind_whatever_way_it_ends(make_engine, arun):
     assert grown < 64 * 1024, f"Python heap grew {grown} bytes over 200 requests"
 
 
+def _forward_threads(engine, delay_s: float = 0.0) -> list[tuple[str, str]]:
+    """Spy on the backend: ("prefill" | "decode", thread name) per forward call."""
+    import threading
+
+    calls: list[tuple[str, str]] = []
+    forward = engine.backend.forward
+
+    def spy(tokens, *args):
+        kind = "decode" if tokens.shape[1] == 1 else "prefill"
+        calls.append((kind, threading.current_thread().name))
+        if kind == "decode" and delay_s:
+            time.sleep(delay_s)
+        return forward(tokens, *args)
+
+    engine.backend.forward = spy
+    return calls
+
+
+def test_short_decode_iterations_run_on_the_loop_thread(make_engine, arun):
+    """Prefills and the first decode run in the worker; once a decode iteration is known
+    to be short, the next ones run on the event loop (no hand-off), with the same tokens
+    as an engine that never inlines; streaming and a request joining mid-decode still work."""
+    import threading
+
+    loop_thread = threading.current_thread().name  # arun drives the loop on this thread
+    results, threads = [], []
+    for inline_ms in (200.0, 0.0):  # this test model's decode forward takes a few ms
+        engine = make_engine(inline_decode_ms=inline_ms)
+        calls = _forward_threads(engine)
+
+        async def scenario(engine=engine):
+            await engine.start()
+            try:
+                first = asyncio.create_task(collect(engine.submit(req("a", max_tokens=12))))
+                stream = engine.submit(req("b", prompt="Then requests arrived", steps=2, max_tokens=6))
+                deltas = [out async for out in stream]  # joins while "a" decodes
+                return await first, deltas
+            finally:
+                await engine.stop()
+
+        (a, deltas) = arun(scenario())
+        results.append((a[1], [t for d in deltas for t in d.token_ids]))
+        threads.append(calls)
+        assert len(deltas) == 6 and deltas[-1].finished  # one delta per token: streamed, not batched up
+    assert results[0] == results[1]
+    inline, never = threads
+    assert all(t != loop_thread for kind, t in inline if kind == "prefill")
+    decode_threads = [t for kind, t in inline if kind == "decode"]
+    assert decode_threads[0] != loop_thread and decode_threads[-1] == loop_thread
+    assert all(t != loop_thread for _, t in never)
+
+
+def test_slow_decode_iterations_stay_in_the_worker(make_engine, arun):
+    """A decode forward longer than inline_decode_ms keeps running in the worker thread,
+    so the event loop is never blocked for longer than the bound."""
+    import threading
+
+    loop_thread = threading.current_thread().name
+    engine = make_engine(inline_decode_ms=20.0)
+    calls = _forward_threads(engine, delay_s=0.03)
+    arun(run_alone(engine, req("a", max_tokens=6)))
+    assert [t for kind, t in calls if kind == "decode" and t == loop_thread] == []
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), "5", True])
+def test_inline_decode_ms_is_validated(make_engine, value):
+    with pytest.raises(ValueError, match="inline_decode_ms"):
+        make_engine(inline_decode_ms=value)
+
+
 def test_from_model_dir_compiles_graphs_for_the_steps_its_policy_picks(tiny_model_dir, monkeypatch) -> None:
     """With compile=True and no compile_steps, the backend is asked for whole-decode graphs
     for the engine's own default step count (or SLO range) and the profile's tiers;

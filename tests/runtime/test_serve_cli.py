@@ -17,7 +17,7 @@ def _args(**kw) -> argparse.Namespace:
     base = dict(
         config=None, grpc_port=None, http_port=None, model_dir=None, threads=None, replicas=None,
         max_batch_size=None, max_waiting=None, kv_cache_bytes=None, default_steps=None,
-        slo_target_itl_ms=None, compile=False, compile_steps=None,
+        slo_target_itl_ms=None, inline_decode_ms=None, compile=False, compile_steps=None,
     )  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
@@ -51,6 +51,8 @@ def test_serve_config_application_args_and_flag_overrides():
     assert _app_args(_args(config=str(SERVE_CONFIG), compile=True))["compile"] is True
     assert "compile_steps" not in cfg
     assert _app_args(_args(compile=True, compile_steps="2,3,12"))["compile_steps"] == [2, 3, 12]
+    assert "inline_decode_ms" not in cfg["engine"]
+    assert _app_args(_args(inline_decode_ms=0.0))["engine"]["inline_decode_ms"] == 0.0
 
 
 def test_compile_steps_flag_is_all_or_a_list():
