@@ -113,7 +113,7 @@ def _build_engine(
     ec = EngineConfig(
         kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
     )
-    if getattr(args, "inline_decode_ms", None) is not None:
+    if args.inline_decode_ms is not None:
         ec.inline_decode_ms = args.inline_decode_ms
     compiled = backend == "torch" and args.compile
     # Whole-decode graphs for exactly the step counts this benchmark measures.

@@ -217,7 +217,7 @@ def main(args: Any) -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     engine_args: dict[str, Any] = {"max_batch_size": 4, "max_waiting": 8, "kv_cache_bytes": 64 * 2**20}
-    if getattr(args, "inline_decode_ms", None) is not None:
+    if args.inline_decode_ms is not None:
         engine_args["inline_decode_ms"] = args.inline_decode_ms
     print(
         f"{model_dir}: {args.runs} paired rounds of {args.new_tokens} tokens at steps={args.steps}, "

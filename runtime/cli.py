@@ -226,6 +226,17 @@ register(
 )
 
 
+def _add_inline_decode_argument(p: argparse.ArgumentParser) -> None:
+    """`--inline-decode-ms` (EngineConfig.inline_decode_ms) for serve and the engine benchmarks."""
+    p.add_argument(
+        "--inline-decode-ms",
+        type=float,
+        default=None,
+        help="engine: decode iterations shorter than this run on the event loop, not the worker thread "
+        "(default 5; 0 = never)",
+    )
+
+
 def _add_bench_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="model directory, or a preset name/JSON (random weights)")
     p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
@@ -249,12 +260,7 @@ def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch backend with AOT-compiled decode steps (cached after the first run)",
     )
-    p.add_argument(
-        "--inline-decode-ms",
-        type=float,
-        default=None,
-        help="engine: decode iterations shorter than this run on the event loop (default 5; 0 = never)",
-    )
+    _add_inline_decode_argument(p)
     p.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -268,12 +274,7 @@ def _add_bench_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads in engine and replica")
     p.add_argument("--port", type=int, default=9100, help="gRPC port of the Serve (+1 HTTP, +2 metrics)")
     p.add_argument("--compile", action="store_true", help="AOT-compiled decode steps in both engines")
-    p.add_argument(
-        "--inline-decode-ms",
-        type=float,
-        default=None,
-        help="both engines: decode iterations shorter than this run on the event loop (default 5; 0 = never)",
-    )
+    _add_inline_decode_argument(p)
 
 
 _BENCHES = {
@@ -364,12 +365,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-bytes", type=int, help="engine: KV pool bytes per replica")
     p.add_argument("--default-steps", type=int, help="engine: default step count")
     p.add_argument("--slo-target-itl-ms", type=float, help="engine: adapt default steps to this ITL")
-    p.add_argument(
-        "--inline-decode-ms",
-        type=float,
-        help="engine: decode iterations shorter than this run on the event loop, not the worker thread "
-        "(default 5; 0 = never)",
-    )
+    _add_inline_decode_argument(p)
     p.add_argument("--threads", type=int, help="torch threads per replica")
     p.add_argument(
         "--compile",
