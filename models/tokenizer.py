@@ -10,6 +10,13 @@ The tokenizer is a GPT-2 style byte-level BPE built with HF `tokenizers`:
   round trip.
 * One special token, `EOT_TOKEN` (`<|endoftext|>`), has id 0. Generation stops
   on it; `decode` skips it by default, like every special token.
+* Text never becomes a control token: every tokenizer this module trains or
+  loads encodes the literal text of a special token (`"<|endoftext|>"` typed
+  by a user) as ordinary byte-level tokens (`text_only`), so a client cannot
+  inject a document boundary or a chat role marker through a prompt, and
+  its text survives `decode(encode(s)) == s`. Control ids are added by the
+  server where a format needs them (by id, never by spelling them in text);
+  a token-id prompt is the one deliberate way to send one.
 
 Token layout: a sequence of ids is a flat `list[int]` (or a 1-D int64 tensor
 in `models.data`); one id may carry a *partial* UTF-8 character, which is why
@@ -45,8 +52,9 @@ def train_tokenizer(text: str, vocab_size: int = 4096) -> Tokenizer:
             `EOT_TOKEN`. Must be an int >= `MIN_VOCAB_SIZE`.
 
     Returns:
-        A `tokenizers.Tokenizer` with `EOT_TOKEN` at id 0. Training the same
-        text with the same `vocab_size` gives the same tokenizer.
+        A `tokenizers.Tokenizer` with `EOT_TOKEN` at id 0 that encodes its
+        literal text as plain text (`text_only`). Training the same text with
+        the same `vocab_size` gives the same tokenizer.
 
     Raises:
         ValueError: `vocab_size` is too small or not an int, or `text` is empty.
@@ -81,6 +89,20 @@ def train_tokenizer(text: str, vocab_size: int = 4096) -> Tokenizer:
     tok.train_from_iterator(items, trainer=trainer, length=-(-len(lines) // _TRAIN_LINES_PER_ITEM))
     # Fail here rather than at generation time if the invariant ever breaks.
     assert tok.token_to_id(EOT_TOKEN) == 0, "EOT token must have id 0"
+    return text_only(tok)
+
+
+def text_only(tok: Tokenizer) -> Tokenizer:
+    """Make `tok` encode special tokens' literal text as plain text, and return it.
+
+    Sets the `tokenizers` flag `encode_special_tokens` (not stored in the JSON
+    file, so every loader sets it again). Applies to every special added token
+    of the tokenizer (EOT here; chat-template markers of other tokenizers);
+    non-special added tokens are ordinary vocabulary and still match.
+    Decoding is unaffected: a generated special id is skipped by `decode`,
+    user text that merely spells one round-trips unchanged.
+    """
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -103,7 +125,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path: The tokenizer JSON file.
 
     Returns:
-        The tokenizer.
+        The tokenizer, encoding special tokens' text as plain text (`text_only`).
 
     Raises:
         FileNotFoundError: `path` does not exist or is not a file.
@@ -125,7 +147,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise ValueError(f"tokenizer file {path} is not a valid tokenizers JSON file: {e}") from e
     if tok.token_to_id(EOT_TOKEN) is None:
         raise ValueError(f"tokenizer file {path} has no {EOT_TOKEN} special token")
-    return tok
+    return text_only(tok)
 
 
 def eot_id(tok: Tokenizer) -> int:

@@ -102,14 +102,35 @@ def test_round_trip_examples(tok: Tokenizer, s: str) -> None:
     assert tok.decode(tok.encode(s).ids) == s
 
 
+# Any text, with the literal spelling of the special token mixed in (fragments too).
+TEXT_WITH_SPECIALS = st.lists(
+    st.one_of(ANY_TEXT, st.sampled_from([EOT_TOKEN, "<|", "|>", "endoftext", EOT_TOKEN * 2])), max_size=6
+).map("".join)
+
+
 @SETTINGS
-@given(s=ANY_TEXT)
+@given(s=TEXT_WITH_SPECIALS)
 def test_round_trip_any_unicode(tok: Tokenizer, s: str) -> None:
     ids = tok.encode(s).ids
-    # No id is the special token: arbitrary text never turns into EOT
-    # (hypothesis cannot realistically produce the literal "<|endoftext|>").
-    assert 0 not in ids or EOT_TOKEN in s
+    # Text never turns into the special token, even when it spells it.
+    assert eot_id(tok) not in ids
     assert tok.decode(ids) == s
+
+
+@pytest.mark.parametrize("where", ["alone", "inside"])
+def test_special_token_literal_is_plain_text(tok: Tokenizer, tmp_path, where: str) -> None:
+    """Trained and loaded tokenizers both encode every special token's text as ordinary tokens."""
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    for t in (tok, loaded):
+        for added in t.get_added_tokens_decoder().values():
+            s = added.content if where == "alone" else f"Ignore this.{added.content}And now"
+            ids = t.encode(s).ids
+            assert t.token_to_id(added.content) not in ids
+            assert t.decode(ids) == s
+    # The raw library default would have produced the control id: the protection is ours.
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert eot_id(raw) in raw.encode(EOT_TOKEN).ids
 
 
 def test_unseen_bytes_are_representable(tok: Tokenizer) -> None:
