@@ -42,12 +42,13 @@ from tokenizers import Tokenizer
 
 from models.config import ModelConfig
 from models.kv_cache import KVBatch, PagedKVCache
-from models.tokenizer import eot_id
+from models.tokenizer import eot_id, text_only
 from runtime.backends import Backend
 from runtime.policy import ModelProfile, PolicyDecision, SLOController, StepPolicy, Tier, automatic_steps
-from runtime.sampling import TextStream, make_generator, sample
+from runtime.sampling import Draw, LogitAdjust, TextStream, is_greedy, make_generator, sample_rows
 from runtime.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 from runtime.types import (
+    MAX_LOGPROBS,
     DeadlineExceededError,
     EngineStats,
     EngineUnavailableError,
@@ -55,9 +56,11 @@ from runtime.types import (
     InvalidRequestError,
     IterationStats,
     RequestCancelledError,
+    RequestFailedError,
     RequestOutput,
     RequestStats,
     SamplingParams,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,16 @@ class EngineConfig:
             in the worker. 0 = never inline. The 5 ms default is Python's
             GIL switch interval, which already bounds how long a forward in
             the worker can keep the loop waiting.
+        max_waiting_per_client: waiting-queue bound per client (None =
+            `max_waiting`); see runtime/scheduler.py for fair admission.
+        fair_quantum: tokens a client earns per turn of the scheduler's
+            deficit round robin.
+        max_consecutive_failures: an iteration that raises fails only its
+            own requests; this many failing in a row mark the engine dead
+            (health checks then fail and Ray replaces the replica).
+        tokenize_inline_chars: `submit_async` tokenises text prompts longer
+            than this in a thread, so a large prompt never holds up the event
+            loop (and with it every other stream of the replica).
     """
 
     kv_cache_bytes: int = 64 * 2**20
@@ -107,6 +120,10 @@ class EngineConfig:
     slo_min_steps: int | None = None
     slo_max_steps: int | None = None
     inline_decode_ms: float = 5.0
+    max_waiting_per_client: int | None = None
+    fair_quantum: int = 256
+    max_consecutive_failures: int = 3
+    tokenize_inline_chars: int = 2048
 
     def slo_range(self, model: ModelConfig) -> tuple[int, int] | None:
         """The SLO controller's step bounds for `model` (None: no controller)."""
@@ -122,24 +139,117 @@ class EngineConfig:
 # ----------------------------------------------------------------------------
 # Validation: the one place that decides whether a request is acceptable
 # ----------------------------------------------------------------------------
+# Size limits, checked before any work is done on a field (a client is hostile
+# until proven otherwise). The prompt's own limit comes from the model: see
+# `max_prompt_chars`.
+MAX_ID_CHARS = 256  # request_id, client_id
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 128
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300
+MAX_TEMPERATURE = 100.0
+MAX_PRIORITY = 100
+PENALTY_RANGE = 2.0  # presence_penalty, frequency_penalty in [-2, 2] (OpenAI's range)
+LOGIT_BIAS_RANGE = 100.0
+MAX_LATENCY_BUDGET_MS = 86_400_000.0  # one day
+_FLOAT_MAX = 3.4028234663852886e38  # float32: what sampling computes in
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that converts to a finite float32 (10**400 does not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and abs(float(value)) <= _FLOAT_MAX
+    except OverflowError:
+        return False
+
+
+def check_text(name: str, value: Any, max_chars: int | None = None) -> str:
+    """A string that is valid Unicode (encodable as UTF-8) and at most `max_chars` long."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, value, "must be a string")
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidRequestError(name, value, f"must be at most {max_chars} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            name, value, f"must be valid Unicode: a lone surrogate at character {e.start} cannot be encoded"
+        ) from None
+    return value
+
+
+def _check_ids(name: str, ids: Any, V: int, max_len: int | None = None) -> list[int]:
+    if not isinstance(ids, list):
+        raise InvalidRequestError(name, ids, "must be a list of token ids")
+    if max_len is not None and len(ids) > max_len:
+        raise InvalidRequestError(name, ids, f"must hold at most {max_len} token ids")
+    for t in ids:
+        if not _is_int(t) or not 0 <= t < V:
+            raise InvalidRequestError(name, t, f"every id must be an integer in [0, {V - 1}]")
+    return list(ids)
+
+
+def max_prompt_chars(config: ModelConfig, tokenizer: Tokenizer) -> int:
+    """The longest text prompt that could still fit the context (checked before tokenising).
+
+    No token spells more than the longest vocabulary entry's characters
+    (byte-level entries are one symbol per byte, so this over-counts), so a
+    text longer than `context_length` times that always tokenises to more
+    than `context_length` tokens.
+    """
+    get_vocab = getattr(tokenizer, "get_vocab", None)  # benchmarks pass a stand-in without one
+    vocab = get_vocab(with_added_tokens=True) if get_vocab is not None else {"x" * 64: 0}
+    longest = max((len(t) for t in vocab), default=1)
+    return config.context_length * max(longest, 1)
+
+
+def check_prompt_text(text: Any, limit: int) -> str:
+    """The cheap checks of a text prompt, before it is tokenised (type, size, Unicode).
+
+    Raises:
+        InvalidRequestError: naming `prompt`.
+    """
+    if not isinstance(text, str) or not text:
+        raise InvalidRequestError("prompt", text, "must be a non-empty string")
+    return check_text("prompt", text, limit)
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, integer: bool = False) -> None:
+    ok = _is_int(value) if integer else _is_number(value)
+    if not ok or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise InvalidRequestError(name, value, f"must be {kind} in [{lo:g}, {hi:g}]")
 
 
 def validate_request(
-    request: GenerationRequest, config: ModelConfig, tokenizer: Tokenizer, tiers: dict[str, Tier]
+    request: GenerationRequest,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    tiers: dict[str, Tier],
+    prompt_limit: int | None = None,
+    prompt_ids: list[int] | None = None,
 ) -> list[int]:
     """Check every field of a request and return its prompt token ids.
+
+    Every check is bounded in cost by the field's size limit before the
+    field is used, and every value accepted here can be computed with
+    (sampling is float32; see runtime/sampling.py).
 
     Args:
         request: the request.
         config: the model's configuration (ranges, vocabulary, context).
         tokenizer: tokenises a text prompt.
         tiers: quality tiers the model offers.
+        prompt_limit: most characters of a text prompt (default
+            `max_prompt_chars`).
+        prompt_ids: the text prompt's ids when the caller tokenised it
+            already (`Engine.submit_async` does, off the event loop).
 
     Returns:
         The prompt token ids (tokenised text or the given ids).
@@ -150,6 +260,9 @@ def validate_request(
     """
     if not isinstance(request.request_id, str) or not request.request_id:
         raise InvalidRequestError("request_id", request.request_id, "must be a non-empty string")
+    check_text("request_id", request.request_id, MAX_ID_CHARS)
+    check_text("client_id", request.client_id, MAX_ID_CHARS)
+    _check_range("priority", request.priority, -MAX_PRIORITY, MAX_PRIORITY, integer=True)
 
     # --- prompt ---------------------------------------------------------------
     text, ids = request.prompt, request.prompt_token_ids
@@ -158,9 +271,10 @@ def validate_request(
         raise InvalidRequestError("prompt", which, "give exactly one of prompt or prompt_token_ids")
     V = config.vocab_size
     if text is not None:
-        if not isinstance(text, str) or not text:
-            raise InvalidRequestError("prompt", text, "must be a non-empty string")
-        prompt_ids = tokenizer.encode(text).ids
+        limit = prompt_limit if prompt_limit is not None else max_prompt_chars(config, tokenizer)
+        check_prompt_text(text, limit)
+        if prompt_ids is None:
+            prompt_ids = tokenizer.encode(text).ids
         if not prompt_ids:
             raise InvalidRequestError("prompt", text, "must encode to at least one token")
         if max(prompt_ids) >= V:
@@ -170,17 +284,14 @@ def validate_request(
     else:
         if not isinstance(ids, list) or not ids:
             raise InvalidRequestError("prompt_token_ids", ids, "must be a non-empty list of token ids")
-        for t in ids:
-            if not _is_int(t) or not 0 <= t < V:
-                raise InvalidRequestError(
-                    "prompt_token_ids", t, f"every id must be an integer in [0, {V - 1}]"
-                )
-        prompt_ids = list(ids)
+        prompt_ids = _check_ids("prompt_token_ids", ids, V, config.context_length)
 
     # --- sampling -------------------------------------------------------------
     s = request.sampling
-    if not _is_int(s.max_tokens) or s.max_tokens < 1:
-        raise InvalidRequestError("max_tokens", s.max_tokens, "must be an integer >= 1")
+    if not _is_int(s.max_tokens) or not 1 <= s.max_tokens <= config.context_length:
+        raise InvalidRequestError(
+            "max_tokens", s.max_tokens, f"must be an integer in [1, context_length={config.context_length}]"
+        )
     total = len(prompt_ids) + s.max_tokens
     if total > config.context_length:
         raise InvalidRequestError(
@@ -189,31 +300,51 @@ def validate_request(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({s.max_tokens}) = {total} "
             f"must be <= context_length={config.context_length}",
         )
-    if not _is_number(s.temperature) or s.temperature < 0:
-        raise InvalidRequestError("temperature", s.temperature, "must be a number >= 0 (0 = greedy)")
+    if not _is_number(s.temperature) or not 0 <= s.temperature <= MAX_TEMPERATURE:
+        raise InvalidRequestError(
+            "temperature", s.temperature, f"must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy)"
+        )
     if not _is_number(s.top_p) or not 0 < s.top_p <= 1:
         raise InvalidRequestError("top_p", s.top_p, "must lie in (0, 1]")
     if not _is_int(s.top_k) or s.top_k < 0:
         raise InvalidRequestError("top_k", s.top_k, "must be an integer >= 0 (0 = disabled)")
     if s.seed is not None and (not _is_int(s.seed) or not 0 <= s.seed < 2**63):
         raise InvalidRequestError("seed", s.seed, f"must be an integer in [0, {2**63 - 1}] or unset")
-    if not isinstance(s.stop, list) or not all(isinstance(x, str) and x for x in s.stop):
-        raise InvalidRequestError("stop", s.stop, "must be a list of non-empty strings")
-    if not isinstance(s.stop_token_ids, list):
-        raise InvalidRequestError("stop_token_ids", s.stop_token_ids, "must be a list of token ids")
-    for t in s.stop_token_ids:
+    if not isinstance(s.stop, list) or len(s.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError("stop", s.stop, f"must be a list of at most {MAX_STOP_STRINGS} strings")
+    for x in s.stop:
+        if not isinstance(x, str) or not x:
+            raise InvalidRequestError("stop", x, "every stop string must be a non-empty string")
+        check_text("stop", x, MAX_STOP_CHARS)
+    _check_ids("stop_token_ids", s.stop_token_ids, V, MAX_STOP_TOKEN_IDS)
+    if not isinstance(s.ignore_eos, bool):
+        raise InvalidRequestError("ignore_eos", s.ignore_eos, "must be true or false")
+    _check_range("presence_penalty", s.presence_penalty, -PENALTY_RANGE, PENALTY_RANGE)
+    _check_range("frequency_penalty", s.frequency_penalty, -PENALTY_RANGE, PENALTY_RANGE)
+    if not isinstance(s.logit_bias, dict) or len(s.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(
+            "logit_bias", s.logit_bias, f"must map at most {MAX_LOGIT_BIAS} token ids to biases"
+        )
+    for t, bias in s.logit_bias.items():
         if not _is_int(t) or not 0 <= t < V:
-            raise InvalidRequestError("stop_token_ids", t, f"every id must be an integer in [0, {V - 1}]")
+            raise InvalidRequestError("logit_bias", t, f"every key must be a token id in [0, {V - 1}]")
+        _check_range("logit_bias", bias, -LOGIT_BIAS_RANGE, LOGIT_BIAS_RANGE)
+    if s.logprobs is not None:
+        _check_range("logprobs", s.logprobs, 0, MAX_LOGPROBS, integer=True)
 
     # --- compute --------------------------------------------------------------
     c = request.compute
     lo, hi = config.step_range
     if c.steps is not None and (not _is_int(c.steps) or not lo <= c.steps <= hi):
         raise InvalidRequestError("steps", c.steps, f"must be an integer in [{lo}, {hi}] for this model")
-    if c.quality is not None and c.quality not in tiers:
+    if c.quality is not None and (not isinstance(c.quality, str) or c.quality not in tiers):
         raise InvalidRequestError("quality", c.quality, f"must be one of {', '.join(sorted(tiers))}")
-    if c.latency_budget_ms is not None and (not _is_number(c.latency_budget_ms) or c.latency_budget_ms <= 0):
-        raise InvalidRequestError("latency_budget_ms", c.latency_budget_ms, "must be a number > 0")
+    if c.latency_budget_ms is not None and (
+        not _is_number(c.latency_budget_ms) or not 0 < c.latency_budget_ms <= MAX_LATENCY_BUDGET_MS
+    ):
+        raise InvalidRequestError(
+            "latency_budget_ms", c.latency_budget_ms, f"must be a number in (0, {MAX_LATENCY_BUDGET_MS:g}]"
+        )
     options = config.expert_options
     for name in ("experts_top_k", "expert_depth"):
         value = getattr(c, name)
@@ -267,6 +398,7 @@ class _RequestState:
     decision: PolicyDecision
     stream: TextStream
     generator: torch.Generator | None
+    adjust: LogitAdjust | None = None
     outputs: _Outputs = field(default_factory=_Outputs)
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -308,6 +440,8 @@ class _ForwardBatch:
     last_index: torch.Tensor | None  # (B,) with right padding
     sampling: list[SamplingParams]
     generators: list[torch.Generator | None]
+    adjusts: list[LogitAdjust | None]
+    generated: list[list[int]]  # ids so far, for rows whose penalties read them (else [])
 
 
 @dataclass
@@ -315,6 +449,8 @@ class _IterationResult:
     tokens: dict[str, int]
     expert_counts: list[int]
     duration_s: float
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    errors: dict[str, BaseException] = field(default_factory=dict)
 
 
 class Engine:
@@ -331,7 +467,9 @@ class Engine:
 
         Args:
             backend: the model runner.
-            tokenizer: the model's tokenizer.
+            tokenizer: the model's tokenizer; set to encode special tokens'
+                literal text as plain text (`models.tokenizer.text_only`), so a
+                prompt or stop string can never become a control token.
             config: engine settings.
             profile: quality tiers and cost model (defaults when None).
 
@@ -339,13 +477,26 @@ class Engine:
             ValueError: a setting is out of range (e.g. a KV budget below one page).
         """
         self.backend = backend
-        self.tokenizer = tokenizer
+        self.tokenizer = text_only(tokenizer)
         self.config = config or EngineConfig()
         self.model_config: ModelConfig = backend.config
         mc, ec = self.model_config, self.config
         device = getattr(backend, "device", "cpu")
         self.kv = PagedKVCache.for_budget(mc, ec.kv_cache_bytes, ec.page_size, device=device)
-        self.scheduler = Scheduler(self.kv, ec.max_batch_size, ec.max_waiting, ec.max_prefills)
+        self.scheduler = Scheduler(
+            self.kv,
+            ec.max_batch_size,
+            ec.max_waiting,
+            ec.max_prefills,
+            ec.max_waiting_per_client,
+            ec.fair_quantum,
+        )
+        if not _is_int(ec.max_consecutive_failures) or ec.max_consecutive_failures < 1:
+            raise ValueError(
+                f"max_consecutive_failures={ec.max_consecutive_failures!r}: must be an integer >= 1"
+            )
+        self._prompt_limit = max_prompt_chars(mc, self.tokenizer)
+        self._consecutive_failures = 0
         slo = None
         slo_range = ec.slo_range(mc)
         if slo_range is not None:
@@ -453,13 +604,44 @@ class Engine:
             self._executor.shutdown(wait=False)
 
     # --- requests ------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def submit_async(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """`submit`, with a long text prompt tokenised in a thread first (what servers call).
+
+        The prompt's cheap checks (type, size limit, Unicode) run first, so an
+        oversized prompt is refused before any work; tokenising a prompt longer
+        than `EngineConfig.tokenize_inline_chars` then runs off the event loop.
+
+        Raises:
+            Whatever `submit` raises.
+        """
+        text, prompt_ids = request.prompt, None
+        if (
+            self._state == "running"
+            and isinstance(text, str)
+            and request.prompt_token_ids is None
+            and len(text) > self.config.tokenize_inline_chars
+        ):
+            check_prompt_text(text, self._prompt_limit)
+            prompt_ids = await asyncio.to_thread(self._encode_ids, text)
+        return self.submit(request, prompt_ids=prompt_ids)
+
+    def _encode_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def submit(
+        self, request: GenerationRequest, prompt_ids: list[int] | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request; return its stream of outputs.
 
         Validation, policy and queueing happen synchronously, so a bad or
         rejected request raises here, before any iterator exists. Closing the
         iterator early (or cancelling the task that consumes it) cancels the
-        request.
+        request. Servers call `submit_async`, which tokenises long prompts off
+        the event loop.
+
+        Args:
+            request: the request.
+            prompt_ids: the text prompt already tokenised (by `submit_async`).
 
         Raises:
             EngineUnavailableError: the engine is not running (or draining).
@@ -471,7 +653,9 @@ class Engine:
             raise EngineUnavailableError(f"engine is {self._state}; not accepting requests")
         if request.request_id in self._states:
             raise InvalidRequestError("request_id", request.request_id, "must be unique among live requests")
-        prompt_ids = validate_request(request, self.model_config, self.tokenizer, self.policy.tiers)
+        prompt_ids = validate_request(
+            request, self.model_config, self.tokenizer, self.policy.tiers, self._prompt_limit, prompt_ids
+        )
         if request.deadline is not None and request.deadline <= time.monotonic():
             raise DeadlineExceededError(f"request {request.request_id!r}: deadline passed before submission")
         s = request.sampling
@@ -498,6 +682,8 @@ class Engine:
             experts=decision.model_experts,
             stop_token_ids=frozenset(stop_ids),
             arrival_time=request.arrival_time,
+            client_id=request.client_id,
+            priority=request.priority,
         )
         self.scheduler.add(seq)  # raises OverloadedError when the queue is full
         state = _RequestState(
@@ -505,7 +691,8 @@ class Engine:
             seq=seq,
             decision=decision,
             stream=TextStream(self.tokenizer, prompt_ids, s.stop),
-            generator=None if s.temperature == 0 else make_generator(s.seed),
+            generator=None if is_greedy(s) else make_generator(s.seed),
+            adjust=LogitAdjust.for_params(s),
         )
         self._states[request.request_id] = state
         self._wake()
@@ -600,12 +787,18 @@ class Engine:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), timeout)
                     continue
-                batches = self._prepare(out)
                 inline = not out.prefill and self._last_decode_s < self._inline_decode_s
-                if inline:
-                    result = self._execute(batches)
-                else:
-                    result = await loop.run_in_executor(self._executor, self._execute, batches)
+                try:
+                    batches = self._prepare(out)
+                    if inline:
+                        result = self._execute(batches)
+                    else:
+                        result = await loop.run_in_executor(self._executor, self._execute, batches)
+                except Exception as e:
+                    if self._iteration_failed(out, e):
+                        return
+                    continue
+                self._consecutive_failures = 0
                 if not out.prefill:
                     self._last_decode_s = result.duration_s
                 self._process(out, result)
@@ -615,10 +808,38 @@ class Engine:
                     await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # a backend failure kills the engine, loudly
+        except Exception as e:  # a bug outside the model's iteration: the engine cannot go on
             log.exception("engine loop died")
-            self._state = "dead"
-            self._fail_all(EngineUnavailableError(f"engine failed: {e}"))
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        """Mark the engine dead (health checks fail at once) and fail every live request."""
+        self._state = "dead"
+        self._fail_all(
+            EngineUnavailableError(f"engine failed ({type(error).__name__}); retry on another replica")
+        )
+
+    def _iteration_failed(self, out: SchedulerOutput, error: BaseException) -> bool:
+        """An iteration's forward raised: fail its requests only; True when the engine is now dead."""
+        self._consecutive_failures += 1
+        n = self.config.max_consecutive_failures
+        log.error(
+            "iteration failed (%d in a row, %d allowed) with %d requests; failing them: %s: %s",
+            self._consecutive_failures, n, len(out.sequences), type(error).__name__, error,
+            exc_info=error if self._consecutive_failures == 1 else None,
+        )  # fmt: skip
+        failure = EngineUnavailableError(
+            f"the model failed while running this request's batch ({type(error).__name__}); retry"
+        )
+        for seq in out.sequences:
+            state = self._states.get(seq.request_id)
+            if state is not None and not state.done:
+                self._fail(state, failure)
+        if self._consecutive_failures >= n:
+            log.error("engine dead after %d failed iterations in a row", n)
+            self._die(error)
+            return True
+        return False
 
     def _prepare(self, out: SchedulerOutput) -> list[_ForwardBatch]:
         """Event loop: this iteration's forward inputs, so the worker thread never
@@ -642,6 +863,11 @@ class Engine:
                     last_index=last_index,
                     sampling=[st.request.sampling for st in states],
                     generators=[st.generator for st in states],
+                    adjusts=[st.adjust for st in states],
+                    generated=[
+                        list(st.seq.output_ids) if st.adjust is not None and st.adjust.uses_history else []
+                        for st in states
+                    ],
                 )
             )
         return prepared
@@ -668,16 +894,24 @@ class Engine:
     def _execute(self, batches: list[_ForwardBatch]) -> _IterationResult:
         """Worker thread: run this iteration's forwards and sample (touches only its inputs)."""
         t0 = time.perf_counter()
-        tokens: dict[str, int] = {}
+        result = _IterationResult({}, [], 0.0)
         counts: torch.Tensor | None = None
         for b in batches:
             res = self.backend.forward(b.tokens, b.positions, b.steps, b.kv, b.experts, True, b.last_index)
-            sampled = sample(res.logits[:, -1, :], b.sampling, b.generators)  # logits (B, V)
-            tokens.update(zip(b.request_ids, sampled))
+            draws = sample_rows(res.logits[:, -1, :], b.sampling, b.generators, b.adjusts, b.generated)
+            for request_id, draw in zip(b.request_ids, draws):
+                if not isinstance(draw, Draw):
+                    result.errors[request_id] = draw
+                    continue
+                result.tokens[request_id] = draw.token
+                if draw.logprob is not None:
+                    result.logprobs[request_id] = draw.logprob
             if res.expert_counts is not None:
                 c = res.expert_counts.detach().to("cpu", torch.long)
                 counts = c if counts is None else counts + c
-        return _IterationResult(tokens, [] if counts is None else counts.tolist(), time.perf_counter() - t0)
+        result.expert_counts = [] if counts is None else counts.tolist()
+        result.duration_s = time.perf_counter() - t0
+        return result
 
     def _experts_tensor(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Per-row expert settings, or None when every row uses the maximum."""
@@ -696,27 +930,20 @@ class Engine:
         now = time.monotonic()
         for seq in out.sequences:
             state = self._states.get(seq.request_id)
-            if state is None or state.done or seq.request_id not in result.tokens:
+            if state is None or state.done:
                 continue  # aborted while the model ran
-            token = result.tokens[seq.request_id]
-            self._tokens += 1
-            if state.first_token_time is None:
-                state.first_token_time = now
-            else:
-                itl = now - (state.last_token_time or now)
-                state.itls.append(itl)
-                if self.policy.slo is not None:
-                    self.policy.slo.observe(itl, len(self.scheduler.waiting))
-            state.last_token_time = now
-            if seq.finish_reason == "stop" and token in seq.stop_token_ids:
-                text = state.stream.finish()  # the stop token itself has no text
-            else:
-                text = state.stream.push(token)
-                if state.stream.stopped and seq.status is SequenceStatus.RUNNING:
-                    self.scheduler.finish(seq.request_id, "stop")  # frees KV now
-                elif seq.status is SequenceStatus.FINISHED:
-                    text += state.stream.finish()
-            self._emit(state, text, [token])
+            error = result.errors.get(seq.request_id)
+            if error is not None:
+                log.error("request %r failed: %s", seq.request_id, error)
+                self._fail(state, error)
+                continue
+            if seq.request_id not in result.tokens:
+                continue
+            try:
+                self._deliver(state, seq, result, now)
+            except Exception as e:  # this request's text handling failed: only it fails
+                log.exception("request %r failed while its output was processed", seq.request_id)
+                self._fail(state, RequestFailedError(f"output processing failed ({type(e).__name__})"))
         self._publish(
             IterationStats(
                 batch_size=len(result.tokens),
@@ -732,7 +959,36 @@ class Engine:
             )
         )
 
-    def _emit(self, state: _RequestState, text: str, token_ids: list[int]) -> None:
+    def _deliver(self, state: _RequestState, seq: Sequence, result: _IterationResult, now: float) -> None:
+        """Event loop: one row's new token -> timings, text, stop strings, the output delta."""
+        token = result.tokens[seq.request_id]
+        self._tokens += 1
+        if state.first_token_time is None:
+            state.first_token_time = now
+        else:
+            itl = now - (state.last_token_time or now)
+            state.itls.append(itl)
+            if self.policy.slo is not None:
+                self.policy.slo.observe(itl, self.scheduler.num_waiting)
+        state.last_token_time = now
+        if seq.finish_reason == "stop" and token in seq.stop_token_ids:
+            text = state.stream.finish()  # the stop token itself has no text
+        else:
+            text = state.stream.push(token)
+            if state.stream.stopped and seq.status is SequenceStatus.RUNNING:
+                self.scheduler.finish(seq.request_id, "stop")  # frees KV now
+            elif seq.status is SequenceStatus.FINISHED:
+                text += state.stream.finish()
+        logprob = result.logprobs.get(seq.request_id)
+        self._emit(state, text, [token], None if logprob is None else [logprob])
+
+    def _emit(
+        self,
+        state: _RequestState,
+        text: str,
+        token_ids: list[int],
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
         seq, now = state.seq, time.monotonic()
         finished = seq.status is SequenceStatus.FINISHED
         arrival = seq.arrival_time
@@ -751,6 +1007,7 @@ class Engine:
                 queue_s=None if seq.admitted_time is None else seq.admitted_time - arrival,
                 first_token_s=None if state.first_token_time is None else state.first_token_time - arrival,
                 total_s=now - arrival,
+                logprobs=logprobs if state.request.sampling.logprobs is not None else None,
             )
         )
         if finished:

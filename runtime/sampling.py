@@ -8,8 +8,21 @@ long as the model's logits for the row agree, which the model's batch
 invariance tests guarantee to ~1e-6). Greedy rows (temperature 0) take the
 argmax and touch no generator.
 
-Filtering order (as in HF and vLLM): temperature, then top-k, then top-p on
-the renormalised distribution, always keeping at least the most likely token.
+Filtering order (as in HF and vLLM): logit bias and presence / frequency
+penalties (`LogitAdjust`), then temperature, then top-k, then top-p on the
+renormalised distribution, always keeping at least the most likely token.
+
+No accepted input can make a draw fail. Validation (runtime/engine.py)
+bounds every field; a temperature below `GREEDY_BELOW_TEMPERATURE` is
+sampled as its limit, greedy (dividing float32 logits by 1e-45 gives inf and
+NaN probabilities); top-p always keeps the most likely token, so a top_p that
+rounds to 0 in float32 is top-1, not an empty distribution. A row whose
+logits are not finite fails that row alone (`NonFiniteLogitsError`): the
+other rows of the batch are drawn as usual.
+
+Log-probabilities (`SamplingParams.logprobs`) are those of the adjusted
+logits (after bias and penalties, before temperature and filtering), as
+OpenAI reports the model's distribution rather than the sampler's.
 
 Text. `TextStream` turns generated ids into text deltas with
 `models.tokenizer.IncrementalDecoder` (never emits broken UTF-8) and applies
@@ -22,13 +35,85 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
 
 from models.tokenizer import IncrementalDecoder
-from runtime.types import SamplingParams
+from runtime.types import EngineError, SamplingParams, TokenLogprob
+
+# Temperatures in (0, this) are sampled greedily, their limit: below it the
+# distribution is the argmax for any logits whose gaps exceed ~1e-4 * 50, and
+# float32 division by much smaller values overflows.
+GREEDY_BELOW_TEMPERATURE = 1e-4
+
+
+class NonFiniteLogitsError(EngineError):
+    """The model produced NaN or infinite logits for a row (that request fails)."""
+
+
+def is_greedy(p: SamplingParams) -> bool:
+    """True when the row takes the argmax (temperature 0 or below `GREEDY_BELOW_TEMPERATURE`)."""
+    return p.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+class LogitAdjust:
+    """Logit bias and presence / frequency penalties of one request (OpenAI semantics).
+
+    Built once per request (`for_params`), applied to the row's logits before
+    every draw with the ids the request generated so far:
+    `logits[t] += bias[t] - presence * (count[t] > 0) - frequency * count[t]`.
+    """
+
+    __slots__ = ("_bias_ids", "_bias_values", "_presence", "_frequency")
+
+    def __init__(self, p: SamplingParams) -> None:
+        items = sorted(p.logit_bias.items())
+        self._bias_ids = torch.tensor([int(k) for k, _ in items], dtype=torch.long)
+        self._bias_values = torch.tensor([float(v) for _, v in items], dtype=torch.float32)
+        self._presence = float(p.presence_penalty)
+        self._frequency = float(p.frequency_penalty)
+
+    @classmethod
+    def for_params(cls, p: SamplingParams) -> LogitAdjust | None:
+        """The adjustment of `p`, or None when it changes nothing."""
+        if not p.logit_bias and p.presence_penalty == 0 and p.frequency_penalty == 0:
+            return None
+        return cls(p)
+
+    @property
+    def uses_history(self) -> bool:
+        """Whether `apply` reads the generated ids (penalties are set)."""
+        return self._presence != 0 or self._frequency != 0
+
+    def apply(self, logits: Tensor, generated: Sequence[int]) -> Tensor:
+        """Adjusted copy of one row's logits.
+
+        Args:
+            logits: (V,) float32 logits.
+            generated: ids generated so far by this request.
+
+        Returns:
+            (V,) float32 logits.
+        """
+        x = logits.clone()
+        if len(self._bias_ids):
+            x.index_add_(0, self._bias_ids, self._bias_values)
+        if generated and self.uses_history:
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=x.shape[-1])
+            counts = counts[: x.shape[-1]].to(x.dtype)
+            x -= self._frequency * counts + self._presence * (counts > 0).to(x.dtype)
+        return x
+
+
+@dataclass
+class Draw:
+    """One row's sampled token and, when asked for, its log-probabilities."""
+
+    token: int
+    logprob: TokenLogprob | None = None
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -48,7 +133,7 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) 
         top_p: keep the smallest set whose probability reaches top_p; 1 = all.
 
     Returns:
-        (V,) float32 logits; at least one entry is finite.
+        (V,) float32 logits; at least one entry is finite when `logits` are.
     """
     x = logits.float() / temperature
     V = x.shape[-1]
@@ -61,15 +146,73 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) 
         # Drop a token when the mass *before* it already reaches top_p; this
         # always keeps the first (most likely) token.
         drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop_sorted[0] = False  # even when top_p rounds to 0 in float32
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     return x
 
 
+def _logprob(logits: Tensor, token: int, k: int) -> TokenLogprob:
+    """Log-probability of `token` and the `k` most likely tokens under (V,) `logits`."""
+    logp = torch.log_softmax(logits, dim=-1)
+    top = torch.topk(logp, k) if k else None
+    pairs = [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
+    return TokenLogprob(token_id=token, logprob=float(logp[token]), top=pairs)
+
+
+def sample_rows(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    adjusts: Sequence[LogitAdjust | None] | None = None,
+    generated: Sequence[Sequence[int]] | None = None,
+) -> list[Draw | NonFiniteLogitsError]:
+    """One draw per row; a row that cannot be drawn gets its error instead.
+
+    Args:
+        logits: (B, V) last-position logits.
+        params: B sampling parameters, one per row.
+        generators: B generators (None allowed for greedy rows).
+        adjusts: B logit adjustments (None entries, or None for all: none).
+        generated: B lists of ids generated so far (read by penalties only).
+
+    Returns:
+        B entries: a `Draw`, or the `NonFiniteLogitsError` of that row.
+    """
+    B = len(params)
+    if logits.dim() != 2 or logits.shape[0] != B or B != len(generators):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be (B, V) with B = len(params) = {B} "
+            f"= len(generators) = {len(generators)}"
+        )
+    adjusts = adjusts or [None] * B
+    logits = logits.detach().float().cpu()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()  # (B,)
+    # (B,) one batched reduction for all greedy rows: NumPy's argmax (the first
+    # maximal index, as torch's) takes ~5 us for 16 x 4096 on CPU where
+    # torch's max(dim).indices takes ~33 and argmax ~95.
+    greedy = logits.numpy().argmax(-1).tolist()
+    out: list[Draw | NonFiniteLogitsError] = []
+    for b, (p, gen, adjust) in enumerate(zip(params, generators, adjusts)):
+        if not finite[b]:
+            out.append(NonFiniteLogitsError("the model produced non-finite logits for this request"))
+            continue
+        row = logits[b]
+        if adjust is not None:
+            row = adjust.apply(row, generated[b] if generated is not None else ())
+        if is_greedy(p):
+            token = int(greedy[b]) if adjust is None else int(row.argmax())
+        else:
+            probs = torch.softmax(filter_logits(row, p.temperature, p.top_k, p.top_p), dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=gen))
+        out.append(Draw(token, None if p.logprobs is None else _logprob(row, token, p.logprobs)))
+    return out
+
+
 def sample(
     logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:
-    """One token per row.
+    """One token per row (`sample_rows` without adjustments; raises a row's error).
 
     Args:
         logits: (B, V) last-position logits.
@@ -78,25 +221,16 @@ def sample(
 
     Returns:
         B sampled token ids.
+
+    Raises:
+        NonFiniteLogitsError: a row's logits are not finite.
     """
-    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
-        raise ValueError(
-            f"logits {tuple(logits.shape)} must be (B, V) with B = len(params) = {len(params)} "
-            f"= len(generators) = {len(generators)}"
-        )
-    logits = logits.detach().float().cpu()
-    # (B,) one batched reduction for all greedy rows: NumPy's argmax (the first
-    # maximal index, as torch's) takes ~5 us for 16 x 4096 on CPU where
-    # torch's max(dim).indices takes ~33 and argmax ~95.
-    greedy = logits.numpy().argmax(-1).tolist()
-    out: list[int] = []
-    for b, (p, gen) in enumerate(zip(params, generators)):
-        if p.temperature == 0:
-            out.append(int(greedy[b]))
-            continue
-        probs = torch.softmax(filter_logits(logits[b], p.temperature, p.top_k, p.top_p), dim=-1)
-        out.append(int(torch.multinomial(probs, 1, generator=gen)))
-    return out
+    tokens = []
+    for draw in sample_rows(logits, params, generators):
+        if isinstance(draw, BaseException):
+            raise draw
+        tokens.append(draw.token)
+    return tokens
 
 
 class TextStream:

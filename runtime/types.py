@@ -39,6 +39,17 @@ class SamplingParams:
             after it are not emitted.
         stop_token_ids: token ids that end generation (finish_reason "stop").
         ignore_eos: keep generating after the end-of-text token (benchmarks).
+        presence_penalty: subtracted once from the logit of every token that
+            already appears in the completion, in [-2, 2] (OpenAI's field).
+        frequency_penalty: subtracted from a token's logit once per time it
+            appears in the completion, in [-2, 2] (OpenAI's field).
+        logit_bias: token id -> bias added to its logit before sampling, each
+            in [-100, 100] (OpenAI's field; -100 bans a token, 100 forces it).
+        logprobs: None = no log-probabilities; k >= 0 = report the sampled
+            token's log-probability and the k most likely alternatives
+            (OpenAI's `logprobs`, at most `MAX_LOGPROBS`). Log-probabilities
+            are of the distribution the token was drawn from after
+            penalties and bias, before temperature and top-k / top-p.
     """
 
     max_tokens: int = 16
@@ -49,6 +60,13 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+
+
+MAX_LOGPROBS = 20  # OpenAI's bound for completions' `logprobs`
 
 
 @dataclass
@@ -85,6 +103,12 @@ class GenerationRequest:
         arrival_time: `time.monotonic()` when the request arrived.
         deadline: absolute `time.monotonic()` after which the request fails
             with `DeadlineExceededError` (None = no deadline).
+        client_id: who sent it (OpenAI `user`, gRPC metadata `x-leanserve-client`,
+            else the caller's address); admission shares capacity fairly
+            among clients (runtime/scheduler.py). "" = the anonymous client.
+        priority: order among the same client's waiting requests, lower first
+            (vLLM's convention), in [-100, 100]; it never lets one client
+            overtake another's fair share.
     """
 
     request_id: str
@@ -94,6 +118,24 @@ class GenerationRequest:
     compute: ComputeParams = field(default_factory=ComputeParams)
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float | None = None
+    client_id: str = ""
+    priority: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token and its most likely alternatives.
+
+    Attributes:
+        token_id: the generated token.
+        logprob: its natural-log probability.
+        top: the `SamplingParams.logprobs` most likely tokens as (id, logprob),
+            most likely first (may include `token_id`).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -115,6 +157,8 @@ class RequestOutput:
         queue_s: seconds from arrival to admission.
         first_token_s: seconds from arrival to the first token (None before).
         total_s: seconds from arrival to this output.
+        logprobs: one entry per id in `token_ids` when the request asked for
+            log-probabilities, else None.
     """
 
     request_id: str
@@ -130,6 +174,7 @@ class RequestOutput:
     queue_s: float | None = None
     first_token_s: float | None = None
     total_s: float | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -152,7 +197,26 @@ class InvalidRequestError(EngineError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"invalid {field}={value!r}: {allowed}")
+        super().__init__(f"invalid {field}={short_repr(value)}: {allowed}")
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters (error messages echo client values).
+
+    Large values are never formatted whole: a 1 MB prompt or a 10**400
+    integer would make the message itself the problem.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        return f"<integer with more than {limit} digits>"
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deep; an int too long for str()
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class OverloadedError(EngineError):
@@ -165,6 +229,14 @@ class EngineUnavailableError(EngineError):
 
 class RequestCancelledError(EngineError):
     """The request was cancelled before it finished (gRPC CANCELLED)."""
+
+
+class UnauthenticatedError(EngineError):
+    """No or a wrong API key (gRPC UNAUTHENTICATED, HTTP 401)."""
+
+
+class RequestFailedError(EngineError):
+    """This request failed inside the engine; the others were unaffected (gRPC INTERNAL)."""
 
 
 class DeadlineExceededError(EngineError):

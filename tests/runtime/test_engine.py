@@ -17,6 +17,7 @@ from runtime.types import (
     OverloadedError,
     RequestStats,
     SamplingParams,
+    short_repr,
 )
 from tests.helpers import PROMPT, collect, req, run_alone, run_batched
 
@@ -285,15 +286,20 @@ def _r(**kw) -> GenerationRequest:
     sampling = {k: kw.pop(k) for k in list(kw) if k in SamplingParams.__dataclass_fields__}
     compute = {k: kw.pop(k) for k in list(kw) if k in ComputeParams.__dataclass_fields__}
     kw.setdefault("prompt", PROMPT)
-    return GenerationRequest("v", sampling=SamplingParams(**sampling), compute=ComputeParams(**compute), **kw)
+    kw.setdefault("request_id", "v")
+    return GenerationRequest(sampling=SamplingParams(**sampling), compute=ComputeParams(**compute), **kw)
 
 
 INVALID = [
     ("steps", _r(steps=1), "[2, 6]"),
     ("steps", _r(steps=7), "[2, 6]"),
     ("max_tokens", _r(max_tokens=60), "context_length=64"),
-    ("max_tokens", _r(max_tokens=0), ">= 1"),
-    ("temperature", _r(temperature=-0.1), ">= 0"),
+    ("max_tokens", _r(max_tokens=0), "[1, context_length=64]"),
+    ("max_tokens", _r(max_tokens=10**100), "[1, context_length=64]"),
+    ("temperature", _r(temperature=-0.1), "[0, 100]"),
+    ("temperature", _r(temperature=101.0), "[0, 100]"),
+    ("temperature", _r(temperature=10**400), "[0, 100]"),
+    ("temperature", _r(temperature=float("nan")), "[0, 100]"),
     ("top_p", _r(top_p=0.0), "(0, 1]"),
     ("top_p", _r(top_p=1.5), "(0, 1]"),
     ("top_k", _r(top_k=-1), ">= 0"),
@@ -304,10 +310,28 @@ INVALID = [
     ("prompt_token_ids", _r(prompt=None, prompt_token_ids=[]), "non-empty"),
     ("prompt_token_ids", _r(prompt=None, prompt_token_ids=[5, 320]), "[0, 319]"),
     ("stop_token_ids", _r(stop_token_ids=[-1]), "[0, 319]"),
-    ("stop", _r(stop=[""]), "non-empty strings"),
+    ("stop", _r(stop=[""]), "non-empty string"),
+    ("stop", _r(stop=["x"] * 17), "at most 16"),
+    ("stop", _r(stop=["x" * 129]), "at most 128 characters"),
+    ("stop", _r(stop=["\ud800"]), "lone surrogate"),
+    ("stop_token_ids", _r(stop_token_ids=[1] * 65), "at most 64"),
     ("quality", _r(quality="turbo"), "balanced, best, fast"),
-    ("latency_budget_ms", _r(latency_budget_ms=0), "> 0"),
-    ("latency_budget_ms", _r(latency_budget_ms=-5), "> 0"),
+    ("quality", _r(quality=["fast"]), "balanced, best, fast"),
+    ("latency_budget_ms", _r(latency_budget_ms=0), "(0, "),
+    ("latency_budget_ms", _r(latency_budget_ms=-5), "(0, "),
+    ("prompt", _r(prompt="caf\ud800"), "lone surrogate at character 3"),
+    ("prompt", _r(prompt="x" * 1_000_000), "at most"),
+    ("request_id", _r(request_id="r" * 257), "at most 256"),
+    ("client_id", _r(client_id="c" * 257), "at most 256"),
+    ("priority", _r(priority=101), "[-100, 100]"),
+    ("presence_penalty", _r(presence_penalty=2.5), "[-2, 2]"),
+    ("frequency_penalty", _r(frequency_penalty=float("inf")), "[-2, 2]"),
+    ("logit_bias", _r(logit_bias={320: 1.0}), "[0, 319]"),
+    ("logit_bias", _r(logit_bias={"5": 1.0}), "[0, 319]"),
+    ("logit_bias", _r(logit_bias={5: 101}), "[-100, 100]"),
+    ("logit_bias", _r(logit_bias=dict.fromkeys(range(301), 1.0)), "at most 300"),
+    ("logprobs", _r(logprobs=21), "[0, 20]"),
+    ("logprobs", _r(logprobs=True), "[0, 20]"),
     ("experts_top_k", _r(experts_top_k=3), "[1, 2]"),
     ("experts_top_k", _r(experts_top_k=0), "[1, 2]"),
     ("expert_depth", _r(expert_depth=1), "ffn=moe"),
@@ -332,7 +356,8 @@ def test_invalid_requests_name_field_value_and_range(make_engine, arun, field, r
     err = arun(scenario())
     assert err.field == field
     message = str(err)
-    assert field in message and allowed in message and repr(err.value) in message
+    assert field in message and allowed in message and short_repr(err.value) in message
+    assert len(message) < 400  # a huge value is never echoed whole
     assert engine.stats().num_waiting == 0
 
 

@@ -185,3 +185,73 @@ def test_duplicate_request_id_rejected():
     sched.add(seq("a"))
     with pytest.raises(ValueError, match="request_id"):
         sched.add(seq("a"))
+
+
+# --- fair admission across clients ----------------------------------------------------------
+def _admission_order(sched: Scheduler) -> list[str]:
+    """Request ids in the order `schedule` admits them, finishing each at once to free slots."""
+    order: list[str] = []
+    for _ in range(1000):
+        if not sched.num_waiting:
+            return order
+        out = sched.schedule()
+        order += ids(out.prefill)
+        for s in out.prefill:
+            sched.finish(s.request_id, "length")
+    raise AssertionError("admission did not drain")
+
+
+def test_one_clients_burst_does_not_starve_another():
+    """Client A queues 100 requests, then B one: B is admitted within one quantum of A's."""
+    sched = Scheduler(FakeKV(10_000), max_batch_size=4, max_waiting=200, max_prefills=2, quantum=16)
+    for i in range(100):
+        sched.add(seq(f"a{i}", client_id="A"))  # 8 tokens each
+    sched.add(seq("b0", client_id="B"))
+    order = _admission_order(sched)
+    assert order.index("b0") <= 16 // 8 + 1
+    assert [r for r in order if r.startswith("a")] == [f"a{i}" for i in range(100)]  # FCFS within A
+
+
+def test_clients_share_admitted_tokens_equally():
+    sched = Scheduler(FakeKV(10_000), max_batch_size=8, max_waiting=400, quantum=8)
+    for i in range(60):
+        sched.add(seq(f"a{i}", prompt_len=4, max_tokens=4, client_id="A"))  # 8 tokens
+        sched.add(seq(f"b{i}", prompt_len=12, max_tokens=4, client_id="B"))  # 16 tokens
+    first = _admission_order(sched)[:60]
+    a_tokens = 8 * sum(r.startswith("a") for r in first)
+    b_tokens = 16 * sum(r.startswith("b") for r in first)
+    assert abs(a_tokens - b_tokens) <= 16  # equal shares of tokens, not of requests
+
+
+def test_priority_orders_only_a_clients_own_queue():
+    sched = Scheduler(FakeKV(10_000), max_batch_size=1, max_waiting=10, quantum=8)
+    sched.add(seq("a-late", client_id="A", priority=5))
+    sched.add(seq("a-urgent", client_id="A", priority=-5))
+    sched.add(seq("b", client_id="B", priority=100))
+    order = _admission_order(sched)
+    assert order.index("a-urgent") < order.index("a-late")
+    assert order.index("b") < order.index("a-late")  # A's priority does not overtake B's turn
+
+
+def test_per_client_queue_bound():
+    sched = Scheduler(FakeKV(0), max_waiting=10, max_waiting_per_client=2)
+    sched.add(seq("a1", client_id="A"))
+    sched.add(seq("a2", client_id="A"))
+    with pytest.raises(OverloadedError, match="this client"):
+        sched.add(seq("a3", client_id="A"))
+    sched.add(seq("b1", client_id="B"))  # another client still gets in
+    assert sched.num_waiting == 3 and sched.num_waiting_for("A") == 2
+
+
+def test_a_chosen_request_that_does_not_fit_is_not_overtaken():
+    """Fairness never lets a small request skip a large one that waits for pages."""
+    kv = FakeKV(8, page_size=4)
+    sched = Scheduler(kv, max_batch_size=8, quantum=64)
+    sched.add(seq("running", prompt_len=4, max_tokens=4, steps=2))  # 4 pages
+    step(sched)
+    sched.add(seq("big", prompt_len=8, max_tokens=8, steps=2, client_id="A"))  # 8 pages
+    sched.add(seq("small", prompt_len=2, max_tokens=2, steps=1, client_id="B"))  # 1 page
+    out = sched.schedule()
+    assert out.prefill == []  # "big" is next and does not fit; "small" waits behind it
+    sched.finish("running", "length")
+    assert ids(sched.schedule().prefill) == ["big"]
