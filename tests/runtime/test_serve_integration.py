@@ -341,3 +341,87 @@ def test_bench_serve_pairs_bare_unary_and_stream_rounds(server, tiny_model_dir, 
     out = capsys.readouterr().out
     rows = ("bare engine", "gRPC unary via Ray proxy", "of which replica engine", "gRPC stream", "transport")
     assert all(row in out for row in rows), out
+
+
+def _http(port: int, path: str, raw: bytes | None = None, method: str = "POST") -> tuple[int, Any]:
+    """(status, JSON body) of one HTTP call; error statuses are returned, not raised."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=raw, method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_client_list_prompts_n_logprobs_echo_and_usage(server, tiny_model_dir):
+    import openai
+
+    from models.tokenizer import load_tokenizer
+
+    oa = openai.OpenAI(base_url=f"http://127.0.0.1:{server['http']}/v1", api_key="unused", max_retries=0)
+    kw: dict[str, Any] = dict(
+        model="serve-tiny", max_tokens=4, temperature=0.8, seed=3, extra_body={"steps": 2}
+    )
+    # At most two choices per call: the fixture's engine queue holds two waiting requests.
+    done = oa.completions.create(prompt=["God said", "In the beginning"], logprobs=2, **kw)
+    assert [c.index for c in done.choices] == [0, 1]
+    for choice in done.choices:
+        lp = choice.logprobs
+        assert lp is not None and 1 <= len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) <= 4
+        assert all(t in top and 2 <= len(top) <= 3 for t, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+        assert all(x <= 0 for x in lp.token_logprobs) and lp.text_offset == sorted(lp.text_offset)
+    assert done.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in done.choices)
+    # One prompt, n=2: two choices, the prompt counted once.
+    two = oa.completions.create(prompt="God said", n=2, **kw)
+    alone = oa.completions.create(prompt="God said", **kw)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == alone.choices[0].text
+    assert two.usage.prompt_tokens == alone.usage.prompt_tokens
+    # Token-id prompts with echo: the prompt is decoded in front of the completion.
+    prompt = load_tokenizer(tiny_model_dir / "tokenizer.json").decode([65, 66, 67])
+    ids = oa.completions.create(prompt=[[65, 66, 67]], echo=True, **kw)
+    assert ids.choices[0].text.startswith(prompt) and ids.usage.prompt_tokens == 3
+    # Streaming two choices, with the usage of the whole request in a last chunk.
+    usage = {"include_usage": True}
+    chunks = list(oa.completions.create(prompt="God said", n=2, stream=True, stream_options=usage, **kw))
+    texts = {0: "", 1: ""}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+    assert texts[0] == two.choices[0].text and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == two.usage.completion_tokens
+    # Fields that would change the output and are not implemented are refused by name.
+    for bad in ({"suffix": "x"}, {"best_of": 3}, {"echo": True, "logprobs": 1}, {"logprobs": 21}):
+        with pytest.raises(openai.BadRequestError) as err:
+            oa.completions.create(prompt="God said", **{**kw, **bad})
+        assert err.value.status_code == 400 and err.value.param == next(iter(bad)), err.value.body
+
+
+def test_http_bad_bodies_are_openai_shaped_client_errors(server):
+    port = server["http"]
+    ok = b'{"prompt": "God said", "max_tokens": 2, "steps": 2'
+    cases = [
+        ("/nope", b"{}", "POST", 404, None),
+        ("/v1/completions", None, "GET", 405, None),
+        ("/v1/models", b"{}", "POST", 405, None),
+        ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, "POST", 400, "body"),
+        ("/v1/completions", b'{"prompt": "' + b"a" * (2**20) + b'"}', "POST", 413, "body"),
+        ("/v1/completions", b"{", "POST", 400, "body"),
+        ("/v1/completions", b'{"prompt": "\\ud800"}', "POST", 400, "prompt"),
+        ("/v1/completions", ok + b', "quality": ["fast"]}', "POST", 400, "quality"),
+        ("/v1/completions", ok + b', "temperature": 1' + b"0" * 400 + b"}", "POST", 400, "temperature"),
+        ("/v1/completions", ok + b', "logit_bias": {"x": 1}}', "POST", 400, "logit_bias"),
+        ("/v1/completions", ok + b', "n": 17}', "POST", 400, "n"),
+        ("/v1/completions", ok + b', "user": 5}', "POST", 400, "user"),
+    ]
+    for path, raw, method, status, param in cases:
+        got, body = _http(port, path, raw, method)
+        assert got == status, (path, raw[:60] if raw else raw, body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert body["error"]["param"] == param, body
+    # null means absent, for every optional field; user and priority reach the engine.
+    nulls = b', "n": null, "stream": null, "stop": null, "logprobs": null, "stream_options": null}'
+    got, body = _http(port, "/v1/completions", ok + nulls)
+    assert got == 200 and len(body["choices"]) == 1, body
+    got, body = _http(port, "/v1/completions", ok + b', "user": "alice", "priority": 1}')
+    assert got == 200 and body["usage"]["completion_tokens"] >= 1, body
