@@ -22,14 +22,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 import grpc
 
+from runtime.proto_build import load_stubs
 from runtime.types import (
     ComputeParams,
     DeadlineExceededError,
+    EngineError,
     EngineUnavailableError,
     GenerationRequest,
     InvalidRequestError,
@@ -37,19 +40,25 @@ from runtime.types import (
     RequestCancelledError,
     RequestOutput,
     SamplingParams,
+    UnauthenticatedError,
 )
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_METADATA_KEY = "x-leanserve-timeout-ms"
+CLIENT_METADATA_KEY = "x-leanserve-client"  # who is calling: the fair-admission key
 
-# Engine error class -> gRPC status code. Order matters only for subclasses (none overlap).
+# Engine error class -> gRPC status code. Order matters: the first matching class wins, and
+# EngineError last catches the engine's own failures of one request (RequestFailedError,
+# non-finite logits), reported as INTERNAL with their message, not the generic one.
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (RequestCancelledError, grpc.StatusCode.CANCELLED),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (EngineError, grpc.StatusCode.INTERNAL),
 )
 
 
@@ -120,7 +129,96 @@ def timeout_ms_from_metadata(context: StatusContext | None) -> float | None:
     return None
 
 
-def to_engine_request(message: Any, timeout_ms: float | None = None) -> GenerationRequest:
+def authorization_from_metadata(context: StatusContext | None) -> str | None:
+    """The `authorization` metadata value (gRPC lower-cases keys), or None."""
+    if context is None:
+        return None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
+
+
+def client_from_metadata(context: StatusContext | None) -> str:
+    """The caller's identity from `x-leanserve-client` ("" when absent; validated by the engine)."""
+    if context is None:
+        return ""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_METADATA_KEY:
+            return value if isinstance(value, str) else ""
+    return ""
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What the proxy hands on for bytes that do not parse as the RPC's request message.
+
+    gRPC's own answer to an unparseable request is an UNKNOWN/INTERNAL status
+    raised inside the proxy; with `add_text_generation_servicer` the bytes
+    reach the replica as this object instead, and the client gets
+    INVALID_ARGUMENT naming what was wrong (`to_engine_request` raises it).
+    Plain and picklable: Ray pickles requests from the proxy to the replica.
+    """
+
+    message_type: str
+    error: str
+    size: int
+
+
+def _safe_parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as e:  # DecodeError: truncated or bad wire data, invalid UTF-8 in a string
+            return MalformedRequest(
+                message_class.DESCRIPTOR.full_name, f"{type(e).__name__}: {e}"[:200], len(data)
+            )
+
+    return parse
+
+
+def add_text_generation_servicer(servicer: Any, server: Any) -> None:
+    """Register `leanserve.v1.TextGeneration` on a gRPC server (what Ray's proxy calls).
+
+    The generated `add_TextGenerationServicer_to_server`, except that requests
+    are parsed with `_safe_parser`: malformed bytes become a `MalformedRequest`
+    (INVALID_ARGUMENT at the replica) instead of an UNKNOWN error in the proxy.
+    """
+    pb2, _ = load_stubs()
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_safe_parser(pb2.GenerateRequest),
+            response_serializer=pb2.GenerateResponse.SerializeToString,
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream,
+            request_deserializer=_safe_parser(pb2.GenerateRequest),
+            response_serializer=pb2.GenerateResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=_safe_parser(pb2.GetModelInfoRequest),
+            response_serializer=pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    service = pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(service, handlers)
+
+
+def check_parsed(message: Any) -> None:
+    """Raise `InvalidRequestError` for a `MalformedRequest`; anything else passes."""
+    if isinstance(message, MalformedRequest):
+        raise InvalidRequestError(
+            "request", f"<{message.size} bytes>", f"must be a valid {message.message_type} ({message.error})"
+        )
+
+
+def to_engine_request(
+    message: Any, timeout_ms: float | None = None, client_id: str = ""
+) -> GenerationRequest:
     """Convert a `leanserve.v1.GenerateRequest` into the engine's `GenerationRequest`.
 
     Field checks (ranges, the prompt) are the engine's job (`validate_request`),
@@ -129,7 +227,9 @@ def to_engine_request(message: Any, timeout_ms: float | None = None) -> Generati
     Args:
         message: the protobuf request.
         timeout_ms: the client's remaining time (see the module docstring).
+        client_id: the caller (`client_from_metadata`).
     """
+    check_parsed(message)
     s, c = message.sampling, message.compute
     defaults = SamplingParams()
     sampling = SamplingParams(
@@ -140,6 +240,12 @@ def to_engine_request(message: Any, timeout_ms: float | None = None) -> Generati
         seed=s.seed if s.HasField("seed") else None,
         stop=list(s.stop),
         stop_token_ids=list(s.stop_token_ids),
+        presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else defaults.presence_penalty,
+        frequency_penalty=s.frequency_penalty
+        if s.HasField("frequency_penalty")
+        else defaults.frequency_penalty,
+        logit_bias=dict(s.logit_bias),
+        logprobs=s.logprobs if s.HasField("logprobs") else None,
     )
     compute = ComputeParams(
         steps=c.steps if c.HasField("steps") else None,
@@ -163,6 +269,8 @@ def to_engine_request(message: Any, timeout_ms: float | None = None) -> Generati
         compute=compute,
         arrival_time=now,
         deadline=deadline,
+        client_id=client_id,
+        priority=message.priority if message.HasField("priority") else 0,
     )
 
 
@@ -174,6 +282,13 @@ def to_response(pb2: Any, out: RequestOutput) -> Any:
     compute = pb2.ComputeUsed(steps=out.steps, policy_reason=out.policy_reason)
     if out.experts is not None:
         compute.experts = out.experts
+    logprobs = [
+        pb2.GeneratedLogprob(
+            token=pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
+            top=[pb2.TokenLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in out.logprobs or ()
+    ]
     return pb2.GenerateResponse(
         request_id=out.request_id,
         text=out.text,
@@ -184,6 +299,7 @@ def to_response(pb2: Any, out: RequestOutput) -> Any:
         timings=pb2.Timings(
             queue_s=out.queue_s or 0.0, first_token_s=out.first_token_s or 0.0, total_s=out.total_s or 0.0
         ),
+        logprobs=logprobs,
     )
 
 
@@ -204,6 +320,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         queue_s=last.queue_s,
         first_token_s=last.first_token_s,
         total_s=last.total_s,
+        logprobs=None if last.logprobs is None else [lp for o in outputs for lp in o.logprobs or ()],
     )
 
 

@@ -33,8 +33,9 @@ PROTO_ROOT = ROOT / "proto"
 PROTO_FILE = PROTO_ROOT / "leanserve" / "v1" / "generation.proto"
 OUT_DIR = Path(__file__).resolve().parent / "_generated"
 PACKAGE = "runtime._generated"
-# Dotted path of the servicer registration function, as Ray's gRPC proxy wants it.
-SERVICER_FUNCTION = f"{PACKAGE}.generation_pb2_grpc.add_TextGenerationServicer_to_server"
+# Dotted path of the servicer registration function, as Ray's gRPC proxy wants it: the
+# generated one with malformed requests answered INVALID_ARGUMENT (runtime/grpc_servicer.py).
+SERVICER_FUNCTION = "runtime.grpc_servicer.add_text_generation_servicer"
 HEALTH_SERVICER_FUNCTION = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 
 _GENERATED = ("generation_pb2.py", "generation_pb2_grpc.py", "generation_pb2.pyi")

@@ -27,23 +27,27 @@ not running (e.g. its loop died), so Ray replaces the replica.
 # No `from __future__ import annotations` here: FastAPI must resolve the route methods'
 # annotations (`request: Request`) at runtime, and Ray's class-based view rewraps them.
 import asyncio
-import contextlib
 import dataclasses
+import hmac
+import importlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime import grpc_servicer as conv
 from runtime import openai_http
 from runtime.engine import Engine, EngineConfig
 from runtime.proto_build import HEALTH_SERVICER_FUNCTION, SERVICER_FUNCTION, load_stubs
-from runtime.types import ComputeParams, GenerationRequest, RequestOutput
+from runtime.types import ComputeParams, GenerationRequest, RequestOutput, UnauthenticatedError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ DEPLOYMENT_NAME = "LeanServer"
 GRPC_SERVICER_FUNCTIONS = [SERVICER_FUNCTION, HEALTH_SERVICER_FUNCTION]
 WATCH_POLL_S = 1.0  # how often an open Health/Watch stream re-checks the status
 GRPC_SERVICE = "leanserve.v1.TextGeneration"
+API_KEY_ENV = "LEANSERVE_API_KEY"
 _METRICS_REFRESH_S = 1.0  # gauges of an idle engine (no iterations) are refreshed this often
 
 # Deployment options a config may set (Ray's names; see `serve.deployment`).
@@ -86,6 +91,11 @@ class ServeArgs:
         engine: `EngineConfig` fields (kv_cache_bytes, max_batch_size,
             max_waiting, default_steps, slo_target_itl_ms, ...).
         deployment: Ray deployment options (`DEPLOYMENT_OPTIONS`).
+        api_key: when set, every generation call must present it (HTTP
+            `Authorization: Bearer KEY`, gRPC metadata `authorization: Bearer KEY`);
+            health, metrics and model-info probes are exempt. None falls back
+            to the environment variable `LEANSERVE_API_KEY` of the replica
+            (how the Kubernetes manifests pass it from a Secret); "" = no key.
     """
 
     model_dir: str | None = None
@@ -101,6 +111,7 @@ class ServeArgs:
     streaming granularity for throughput (like vLLM's stream_interval)."""
     engine: dict[str, Any] = field(default_factory=dict)
     deployment: dict[str, Any] = field(default_factory=dict)
+    api_key: str | None = None
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "ServeArgs":
@@ -145,7 +156,117 @@ class ServeArgs:
         return out
 
 
+class _ClientErrorFilter(logging.Filter):
+    """Ray's replica logs every exception a handler raises as an ERROR with a traceback.
+
+    A stream that fails with a client error (bad field, overload, deadline, ...)
+    has to raise to end the RPC with its status; that is not a server fault, so
+    its record becomes one WARNING line. Server bugs (INTERNAL) keep their traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, conv.AbortedRpcError) and not str(exc).startswith("INTERNAL"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info, record.exc_text = f"client error: {exc}", (), None, None
+        return True
+
+
+def _install_client_error_log_filter() -> None:
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _ClientErrorFilter) for f in serve_logger.filters):
+        serve_logger.addFilter(_ClientErrorFilter())
+
+
 app = FastAPI(title="leanserve", docs_url=None, redoc_url=None)
+
+def key_matches(authorization: str | None, key: str) -> bool:
+    """Whether an `Authorization` value is `Bearer <key>` (compared in constant time)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+
+# The replica's API key for the HTTP middleware (one LeanServer per replica process; set in
+# its __init__). "" = no key.
+_http_api_key: list[str] = [""]
+_HTTP_OPEN_PATHS = frozenset({"/healthz"})  # probes need no key
+
+
+@app.middleware("http")
+async def _require_api_key(request: Request, call_next: Any) -> Any:
+    """HTTP side of `--api-key`: `Authorization: Bearer KEY` on every route but the probes (401)."""
+    key = _http_api_key[0]
+    open_path = request.url.path in _HTTP_OPEN_PATHS
+    if key and not open_path and not key_matches(request.headers.get("authorization"), key):
+        status, payload = openai_http.error_body(
+            UnauthenticatedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+        )
+        return JSONResponse(payload, status_code=status, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+# --- HTTP: bounded bodies and OpenAI-shaped errors on every route -------------------
+# Registered before `@serve.ingress(app)` below: it freezes (pickles) the app.
+_PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed in a thread, off the event loop
+_HTTP_ROUTES = "POST /v1/completions, GET /v1/models, GET /healthz, GET /stats"
+
+
+def _openai_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
+    """JSON with non-ASCII escaped, so that even an echoed lone surrogate cannot fail to encode."""
+    return Response(openai_http.dumps(payload), status, headers, media_type="application/json")
+
+
+def _error_response(error: BaseException) -> Response:
+    return _openai_response(*openai_http.error_body(error))
+
+
+async def _read_json(request: Request) -> Any:
+    """The request's JSON body, refused (413) once it exceeds `openai_http.MAX_BODY_BYTES`
+    rather than read whole first; bounded in nesting; a large body is parsed in a thread."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and (len(length) > 12 or int(length) > openai_http.MAX_BODY_BYTES):
+        raise openai_http.BodyTooLargeError(length[:20])
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > openai_http.MAX_BODY_BYTES:
+            raise openai_http.BodyTooLargeError(f"over {size}")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if len(raw) > _PARSE_INLINE_BYTES:
+        return await asyncio.to_thread(openai_http.parse_json_body, raw)
+    return openai_http.parse_json_body(raw)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own errors (unknown route 404, wrong method 405, ...) in OpenAI's shape."""
+    where = f"{request.method} {request.url.path[:200]}"
+    if exc.status_code == 404:
+        message = f"{where} is not a route of this server ({_HTTP_ROUTES})"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{where}: method not allowed (allowed: {allowed})"
+    else:
+        message = f"{where}: {exc.detail}"
+    body = openai_http.http_error_body(exc.status_code, message)
+    return _openai_response(exc.status_code, body, exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's request validation in OpenAI's shape: 400 naming the first bad field."""
+    first = next(iter(exc.errors()), {})
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = f"invalid {param or 'request'}: {first.get('msg', 'failed validation')}"
+    return _openai_response(400, openai_http.http_error_body(400, message, param))
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: an OpenAI-shaped 500 (the traceback goes to the log only)."""
+    return _error_response(exc)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -156,6 +277,13 @@ class LeanServer:
     async def __init__(self, args: dict[str, Any]) -> None:
         """Load the model, start and warm up the engine, subscribe metrics (bounded by a timeout)."""
         self.args = ServeArgs.from_dict(args)
+        key = self.args.api_key
+        self.api_key: str = os.environ.get(API_KEY_ENV, "") if key is None else key
+        # Through the imported module: Ray ships this class by value (the module's name now
+        # holds the Deployment), with private copies of the globals its methods use, while the
+        # middleware is the module's own function and reads the module's list.
+        importlib.import_module(__name__)._http_api_key[0] = self.api_key
+        _install_client_error_log_filter()
         self.pb2, _ = load_stubs()
         from grpc_health.v1 import health_pb2
 
@@ -218,25 +346,37 @@ class LeanServer:
             await self.engine.stop(drain=True, timeout_s=10.0)
 
     # --- gRPC: leanserve.v1.TextGeneration --------------------------------------------
+    async def _submit_grpc(self, request: Any, grpc_context: Any) -> AsyncIterator[RequestOutput]:
+        """Authorise, convert and submit a GenerateRequest (the key and limits before any work)."""
+        self._authorize(conv.authorization_from_metadata(grpc_context))
+        req = conv.to_engine_request(
+            request, conv.timeout_ms_from_metadata(grpc_context), conv.client_from_metadata(grpc_context)
+        )
+        return await self._engine().submit_async(req)
+
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 (RPC name)
-        """Unary RPC: run to completion and return the whole text."""
+        """Unary RPC: run to completion and return the whole text.
+
+        An error is returned, not raised: the status set on the context reaches
+        the client either way, and a returned error logs one line here instead
+        of a traceback in both the replica and the proxy.
+        """
         outputs: list[RequestOutput] = []
         try:
-            req = conv.to_engine_request(request, conv.timeout_ms_from_metadata(grpc_context))
-            async for out in self._engine().submit(req):
+            async for out in await self._submit_grpc(request, grpc_context):
                 outputs.append(out)
             if outputs[-1].finish_reason == "cancelled":
-                raise conv.RequestCancelledError(f"request {req.request_id!r} was cancelled")
+                raise conv.RequestCancelledError("the request was cancelled")
         except Exception as e:
-            conv.abort(grpc_context, e)
+            conv.set_error(grpc_context, e)
+            return self.pb2.GenerateResponse()
         return conv.to_response(self.pb2, conv.merge_outputs(outputs))
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
         """Server-streaming RPC: the first delta at once, then one message per `stream_interval`
         tokens (and the final one); a cancelled call cancels the engine request."""
         try:
-            req = conv.to_engine_request(request, conv.timeout_ms_from_metadata(grpc_context))
-            stream = self._engine().submit(req)
+            stream = await self._submit_grpc(request, grpc_context)
         except Exception as e:
             conv.abort(grpc_context, e)
         try:
@@ -251,7 +391,26 @@ class LeanServer:
 
     async def GetModelInfo(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         """Unary RPC: describe the served model."""
-        return conv.model_info(self.pb2, self._engine())
+        try:
+            self._authorize(conv.authorization_from_metadata(grpc_context))
+            return conv.model_info(self.pb2, self._engine())
+        except Exception as e:
+            conv.set_error(grpc_context, e)
+            return self.pb2.ModelInfo()
+
+    def _authorize(self, header: str | None) -> None:
+        """Check an `Authorization` value against the API key (constant time); no key: all pass.
+
+        Raises:
+            UnauthenticatedError: a key is configured and `header` is not `Bearer KEY`.
+        """
+        if not self.api_key:
+            return
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.api_key.encode()
+        ):
+            raise UnauthenticatedError("missing or wrong API key: send 'authorization: Bearer <key>'")
 
     # --- gRPC: grpc.health.v1.Health -----------------------------------------------
     def _health_status(self, service: str) -> int:
@@ -295,41 +454,27 @@ class LeanServer:
     # --- HTTP: OpenAI-compatible routes and probes -----------------------------------
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        """OpenAI `POST /v1/completions`, streaming (SSE) or not."""
+        """OpenAI `POST /v1/completions`, streaming (SSE) or not (runtime/openai_http.py)."""
         try:
-            try:
-                body = await request.json()
-            except ValueError as e:
-                raise conv.InvalidRequestError("body", "not JSON", "must be a JSON object") from e
-            req, stream = openai_http.parse_completion(body, self.model_name)
-            outputs = self._engine().submit(req)
-            if not stream:
-                collected = [out async for out in outputs]
-                return JSONResponse(openai_http.completion(conv.merge_outputs(collected), self.model_name))
+            engine = self._engine()
+            body = await _read_json(request)
+            client = request.client.host if request.client is not None else ""
+            plan = openai_http.parse_completions(body, self.model_name, client)
+            streams = await openai_http.submit_all(engine, plan)
+            if not plan.stream:
+                done = await openai_http.complete(engine, plan, streams, self.model_name)
+                return _openai_response(200, done)
         except Exception as e:
-            status, payload = openai_http.error_body(e)
-            return JSONResponse(payload, status_code=status)
-        return StreamingResponse(self._sse(outputs), media_type="text/event-stream")
-
-    async def _sse(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
-        created = int(time.time())
-        try:
-            async for out in outputs:
-                yield openai_http.sse_chunk(out, self.model_name, created)
-        except Exception as e:  # the status line is sent already: report in-band
-            yield openai_http.sse_error(e)
-        finally:
-            with contextlib.suppress(Exception):
-                await outputs.aclose()  # type: ignore[attr-defined]
-        yield openai_http.SSE_DONE
+            return _error_response(e)
+        events = openai_http.sse_events(engine, plan, streams, self.model_name)
+        return StreamingResponse(events, media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models(self) -> Any:
         """OpenAI `GET /v1/models`."""
         if not self.ready:
-            status, payload = openai_http.error_body(conv.EngineUnavailableError("model is still loading"))
-            return JSONResponse(payload, status_code=status)
-        return openai_http.models_list(self.model_name, self.created)
+            return _error_response(conv.EngineUnavailableError("model is still loading"))
+        return _openai_response(200, openai_http.models_list(self.model_name, self.created))
 
     @app.get("/healthz")
     async def healthz(self) -> Any:
