@@ -93,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="arrival and prompt seed (default 0)")
     p.add_argument("--slo", default="ttft=0.5,itl=0.05", help="goodput SLO in seconds: ttft=S,itl=S[,e2e=S]")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds (default 60)")
+    p.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="send every gRPC request once (default: retry UNAVAILABLE before the first message)",
+    )
     p.add_argument("--model-dir", help="model directory: profile.json (perplexity, cost model), config.json")
     p.add_argument("--profile", help="profile.json to use instead of --model-dir's")
     p.add_argument("--out", default="runs/loadtest", help="report folder (default runs/loadtest)")
@@ -124,6 +129,7 @@ def config_from_args(args: Any) -> Any:
         seed=args.seed,
         slo=SLO.parse(args.slo),
         timeout_s=args.timeout,
+        retries=not args.no_retry,
         model_dir=args.model_dir,
         profile_path=args.profile,
         progress=not args.no_progress,

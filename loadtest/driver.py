@@ -18,6 +18,12 @@ Both transports use a single event loop and one connection: `GrpcTransport`
 the `x-leanserve-timeout-ms` metadata, so a request without compute fields
 gets the server's default policy (a fixed count or the SLO controller), not a
 latency budget derived from the client's deadline.
+
+The gRPC channel carries the client's retry policy (`runtime.client.channel_options`):
+a call that fails with UNAVAILABLE before its first message (a replica that died
+or is not ready) is retried by gRPC with backoff, and its latencies include the
+retries, since they are measured from the scheduled time. A stream that already
+sent a delta is not retried; its error is what the run records.
 """
 
 from __future__ import annotations
@@ -131,19 +137,24 @@ class GrpcTransport:
     Args:
         target: "HOST:PORT".
         timeout_s: gRPC deadline of each call (enforced by the proxy and the client).
+        retries: gRPC's retry policy on UNAVAILABLE (see the module docstring); False
+            sends every request once, so each failure shows in the results.
     """
 
-    def __init__(self, target: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, target: str, timeout_s: float = 60.0, retries: bool = True) -> None:
         from runtime.proto_build import load_stubs  # the generated stubs, nothing of the engine
 
         self.pb2, self.pb2_grpc = load_stubs()
         self.target = target
         self.timeout_s = timeout_s
+        self.retries = retries
         self.channel: grpc.aio.Channel | None = None
         self.stub: Any = None
 
     async def open(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.target)
+        from runtime.client import channel_options  # the client's retry policy, shared
+
+        self.channel = grpc.aio.insecure_channel(self.target, options=channel_options(self.retries))
         self.stub = self.pb2_grpc.TextGenerationStub(self.channel)
 
     async def close(self) -> None:

@@ -31,6 +31,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, task
 
 from loadtest.arrivals import LengthSpec, build_prompts
+from runtime.client import channel_options
 from runtime.proto_build import load_stubs
 
 # grpc's C core must cooperate with gevent, on which every Locust user runs.
@@ -45,7 +46,9 @@ class LeanServeUser(User):
     def on_start(self) -> None:
         self.pb2, pb2_grpc = load_stubs()
         target = os.environ.get("LEANSERVE_TARGET") or self.host or "127.0.0.1:9000"
-        self.channel = grpc.insecure_channel(target.removeprefix("grpc://").removeprefix("http://"))
+        self.channel = grpc.insecure_channel(
+            target.removeprefix("grpc://").removeprefix("http://"), options=channel_options()
+        )
         self.stub = pb2_grpc.TextGenerationStub(self.channel)
         compute: dict[str, Any] = {}
         if os.environ.get("LEANSERVE_STEPS"):

@@ -308,6 +308,8 @@ class SweepConfig:
         seed: schedule and prompt seed (the same for every point).
         slo: goodput objective.
         timeout_s: per-request deadline.
+        retries: the gRPC channel retries UNAVAILABLE before a stream's first message
+            (`runtime.client.channel_options`); False sends every request once.
         model_dir: model directory whose profile.json / config.json give quality and predictions.
         profile_path: a profile.json to use instead.
         progress: show a progress bar.
@@ -332,6 +334,7 @@ class SweepConfig:
     seed: int = 0
     slo: SLO = field(default_factory=SLO)
     timeout_s: float = 60.0
+    retries: bool = True
     model_dir: str | None = None
     profile_path: str | None = None
     progress: bool = True
@@ -401,7 +404,7 @@ class Sweep:
 
     def __init__(self, config: SweepConfig, transport: Transport | None = None) -> None:
         self.cfg = config
-        self.grpc = GrpcTransport(config.target, config.timeout_s)
+        self.grpc = GrpcTransport(config.target, config.timeout_s, retries=config.retries)
         self.transport: Transport = transport or (
             HttpTransport(config.http_url, config.timeout_s) if config.http_url else self.grpc
         )

@@ -4,10 +4,29 @@ Plain grpcio, no Ray: the server is Ray Serve's gRPC proxy (one application,
 so no `application` metadata is needed). When a timeout is given, it is both
 the gRPC deadline and the `x-leanserve-timeout-ms` metadata the server feeds
 to the step policy (see runtime/grpc_servicer.py).
+
+Retries. Every channel made here (and the load tester's, loadtest/driver.py)
+carries a gRPC service config whose `retryPolicy` retries `UNAVAILABLE`, the
+status of a replica that is gone or not ready yet, with exponential backoff:
+gRPC's own retry machinery, not a loop in this module. It covers the
+idempotent `Generate` and `GetModelInfo` and also `GenerateStream`, which
+gRPC retries only while the call is uncommitted, i.e. before the client got
+the response headers or a message: a stream that has sent a delta is never
+re-run (its text would repeat). Retries stay within the call's deadline; the
+`x-leanserve-timeout-ms` metadata is not shortened on a retry, so the server
+may allow a retried attempt slightly more time than is left. A throttle
+(`retryThrottling`) stops retrying when most calls keep failing, so a dead
+cluster is not hammered.
+
+Only a call whose UNAVAILABLE arrives as a trailers-only response can be
+retried: a server that sends headers (or a message) first has committed the
+call. Ray Serve's gRPC proxy does that for unary calls unless leanserve's
+servicer function makes it end UNAVAILABLE calls with `abort()` (issue 17).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +35,75 @@ import grpc
 
 from runtime.grpc_servicer import TIMEOUT_METADATA_KEY
 from runtime.proto_build import load_stubs
+
+SERVICE = "leanserve.v1.TextGeneration"
+RETRIED_METHODS = ("Generate", "GetModelInfo", "GenerateStream")
+DEFAULT_MAX_ATTEMPTS = 5  # gRPC caps maxAttempts at 5 (first call + 4 retries)
+
+
+def retry_service_config(
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    initial_backoff_s: float = 0.2,
+    max_backoff_s: float = 2.0,
+    multiplier: float = 2.0,
+) -> dict[str, Any]:
+    """gRPC service config retrying `UNAVAILABLE` on the methods in `RETRIED_METHODS`.
+
+    gRPC waits a random time in [0, b] before retry k, with b = initial *
+    multiplier^(k-1) capped at `max_backoff_s`; with the defaults the four
+    retries wait at most 0.2 + 0.4 + 0.8 + 1.6 = 3.0 s in all.
+
+    Args:
+        max_attempts: calls in all, first one included (2..5; gRPC caps it at 5).
+        initial_backoff_s: backoff bound before the first retry, seconds.
+        max_backoff_s: the largest backoff bound, seconds.
+        multiplier: growth of the bound per retry.
+
+    Raises:
+        ValueError: an argument out of range (gRPC would ignore the policy silently).
+    """
+    if not 2 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts={max_attempts}: must be in [2, 5] (use retries=False for none)")
+    if not (0 < initial_backoff_s <= max_backoff_s and multiplier > 0):
+        raise ValueError(
+            f"backoff initial={initial_backoff_s}, max={max_backoff_s}, multiplier={multiplier}: "
+            "need 0 < initial <= max and multiplier > 0"
+        )
+    return {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in RETRIED_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": f"{initial_backoff_s}s",
+                    "maxBackoff": f"{max_backoff_s}s",
+                    "backoffMultiplier": multiplier,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        # Per channel: each failed attempt costs 1 token, each success earns 0.1, and retries
+        # stop while half of the tokens or fewer are left. 100 tokens let the calls in flight on
+        # a killed replica (dozens on one load-test channel) all retry, but a channel whose
+        # calls keep failing stops retrying after ~50 net failures.
+        "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+    }
+
+
+def channel_options(
+    retries: bool = True, max_attempts: int = DEFAULT_MAX_ATTEMPTS, **backoff: float
+) -> list[tuple[str, Any]]:
+    """Channel options of every leanserve client channel (sync or `grpc.aio`).
+
+    Args:
+        retries: False turns gRPC retries off (each call is tried once).
+        max_attempts: see `retry_service_config`.
+        backoff: `initial_backoff_s`, `max_backoff_s`, `multiplier` of `retry_service_config`.
+    """
+    if not retries:
+        return [("grpc.enable_retries", 0)]
+    config = retry_service_config(max_attempts, **backoff)
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
 
 
 def build_request(
@@ -69,11 +157,15 @@ class Client:
 
     Args:
         target: "HOST:PORT" of the gRPC endpoint.
+        retries: retry `UNAVAILABLE` with backoff (see the module docstring).
+        options: extra channel options, after leanserve's.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(
+        self, target: str, retries: bool = True, options: list[tuple[str, Any]] | None = None
+    ) -> None:
         self.pb2, pb2_grpc = load_stubs()
-        self.channel = grpc.insecure_channel(target)
+        self.channel = grpc.insecure_channel(target, options=channel_options(retries) + list(options or []))
         self.stub = pb2_grpc.TextGenerationStub(self.channel)
 
     @staticmethod
@@ -93,6 +185,7 @@ class Client:
         return self.stub.GetModelInfo(self.pb2.GetModelInfoRequest(), timeout=timeout)
 
     def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
         self.channel.close()
 
 
