@@ -182,8 +182,14 @@ def add_text_generation_servicer(servicer: Any, server: Any) -> None:
 
     The generated `add_TextGenerationServicer_to_server`, except that requests
     are parsed with `_safe_parser`: malformed bytes become a `MalformedRequest`
-    (INVALID_ARGUMENT at the replica) instead of an UNKNOWN error in the proxy.
+    (INVALID_ARGUMENT at the replica) instead of an UNKNOWN error in the proxy. In Ray's
+    proxy it also installs runtime/proxy_errors.py (a dead replica's requests end UNAVAILABLE).
     """
+    if hasattr(server, "service_handler_factory"):  # Ray's gRPCGenericServer, in its proxy actor
+        from runtime.proxy_errors import install, make_unavailable_retryable
+
+        install()
+        make_unavailable_retryable(server)
     pb2, _ = load_stubs()
     handlers = {
         "Generate": grpc.unary_unary_rpc_method_handler(
