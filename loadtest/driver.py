@@ -150,10 +150,12 @@ class GrpcTransport:
         self.retries = retries
         self.channel: grpc.aio.Channel | None = None
         self.stub: Any = None
+        self.auth: list[tuple[str, str]] = []
 
     async def open(self) -> None:
-        from runtime.client import channel_options  # the client's retry policy, shared
+        from runtime.client import auth_metadata, channel_options  # the client's retry policy, shared
 
+        self.auth = auth_metadata()  # LEANSERVE_API_KEY, if set
         self.channel = grpc.aio.insecure_channel(self.target, options=channel_options(self.retries))
         self.stub = self.pb2_grpc.TextGenerationStub(self.channel)
 
@@ -177,7 +179,7 @@ class GrpcTransport:
         return await self.stub.GetModelInfo(self.pb2.GetModelInfoRequest(), timeout=timeout_s)
 
     async def run(self, spec: RequestSpec, result: RequestResult, now: Callable[[], float]) -> None:
-        call = self.stub.GenerateStream(self.request(spec), timeout=self.timeout_s)
+        call = self.stub.GenerateStream(self.request(spec), timeout=self.timeout_s, metadata=self.auth)
         try:
             last = None
             tokens = 0
@@ -218,10 +220,14 @@ class HttpTransport:
         self.url = base_url.rstrip("/") + "/v1/completions"
         self.timeout_s = timeout_s
         self.session: Any = None
+        self.headers: dict[str, str] = {}
 
     async def open(self) -> None:
         import aiohttp  # imported only when the HTTP route is driven
 
+        from runtime.client import auth_metadata
+
+        self.headers = {k.title(): v for k, v in auth_metadata()}  # LEANSERVE_API_KEY, if set
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
 
     async def close(self) -> None:
@@ -240,7 +246,7 @@ class HttpTransport:
         if spec.seed is not None:
             body["seed"] = spec.seed
         try:
-            async with self.session.post(self.url, json=body) as resp:
+            async with self.session.post(self.url, json=body, headers=self.headers) as resp:
                 if resp.status != 200:
                     text = await resp.text()
                     result.code = _http_error_code(text, resp.status)

@@ -27,6 +27,7 @@ servicer function makes it end UNAVAILABLE calls with `abort()` (issue 17).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -88,6 +89,19 @@ def retry_service_config(
         # calls keep failing stops retrying after ~50 net failures.
         "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
     }
+
+
+API_KEY_ENV = "LEANSERVE_API_KEY"
+
+
+def auth_metadata(api_key: str | None = None) -> list[tuple[str, str]]:
+    """The `authorization` metadata for a server started with `--api-key` ([] without a key).
+
+    Args:
+        api_key: the key; None reads the environment variable `LEANSERVE_API_KEY`.
+    """
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    return [("authorization", f"Bearer {key}")] if key else []
 
 
 def channel_options(
@@ -159,18 +173,24 @@ class Client:
         target: "HOST:PORT" of the gRPC endpoint.
         retries: retry `UNAVAILABLE` with backoff (see the module docstring).
         options: extra channel options, after leanserve's.
+        api_key: sent as `authorization: Bearer KEY` (None: `LEANSERVE_API_KEY`, if set).
     """
 
     def __init__(
-        self, target: str, retries: bool = True, options: list[tuple[str, Any]] | None = None
+        self,
+        target: str,
+        retries: bool = True,
+        options: list[tuple[str, Any]] | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.pb2, pb2_grpc = load_stubs()
+        self._auth = auth_metadata(api_key)
         self.channel = grpc.insecure_channel(target, options=channel_options(retries) + list(options or []))
         self.stub = pb2_grpc.TextGenerationStub(self.channel)
 
-    @staticmethod
-    def _metadata(timeout: float | None) -> list[tuple[str, str]]:
-        return [] if timeout is None else [(TIMEOUT_METADATA_KEY, f"{timeout * 1000:.0f}")]
+    def _metadata(self, timeout: float | None) -> list[tuple[str, str]]:
+        deadline = [] if timeout is None else [(TIMEOUT_METADATA_KEY, f"{timeout * 1000:.0f}")]
+        return self._auth + deadline
 
     def generate(self, request: Any, timeout: float | None = None) -> Any:
         """Unary `Generate`; raises `grpc.RpcError` with the server's status on failure."""
@@ -182,7 +202,7 @@ class Client:
 
     def model_info(self, timeout: float | None = 10.0) -> Any:
         """`GetModelInfo`."""
-        return self.stub.GetModelInfo(self.pb2.GetModelInfoRequest(), timeout=timeout)
+        return self.stub.GetModelInfo(self.pb2.GetModelInfoRequest(), timeout=timeout, metadata=self._auth)
 
     def close(self) -> None:
         """Close the channel (calls in flight are cancelled)."""

@@ -216,3 +216,14 @@ def test_a_burst_of_failures_on_one_channel_is_all_retried(flaky) -> None:
 
     assert [r.text for r in asyncio.run(burst())] == ["ok"] * n
     assert servicer.calls["Generate"] == 2 * n
+
+
+def test_auth_metadata_from_argument_or_environment(monkeypatch):
+    from runtime.client import auth_metadata
+
+    monkeypatch.delenv("LEANSERVE_API_KEY", raising=False)
+    assert auth_metadata() == [] and auth_metadata("") == []
+    assert auth_metadata("k1") == [("authorization", "Bearer k1")]
+    monkeypatch.setenv("LEANSERVE_API_KEY", "k2")
+    assert auth_metadata() == [("authorization", "Bearer k2")]
+    assert auth_metadata("") == []  # an explicit empty key wins over the environment
