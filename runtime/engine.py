@@ -80,12 +80,15 @@ class EngineConfig:
             `OverloadedError`.
         max_prefills: most requests admitted (prefilled) per iteration.
         default_steps: fixed default step count (None = the model's default).
-        slo_target_itl_ms: when set, the default step count is adapted by an
-            `SLOController` to this inter-token latency target.
-        slo_window: ITL samples per SLO decision.
-        slo_hysteresis: relative dead band of the SLO controller.
+        slo_target_itl_ms: when set, the default step count is chosen by an
+            `SLOController` (runtime/policy.py) for this inter-token latency target.
+        slo_target_ttft_ms: the controller's time-to-first-token target (None = not checked).
+        slo_window: measured ITL samples the controller reports.
+        slo_hysteresis: the controller's capacity headroom (plans for (1 + h) x demand).
         slo_min_steps: lower bound for the controller (None = model minimum).
         slo_max_steps: upper bound for the controller (None = model maximum).
+        slo_quality_ladder: the controller skips step counts that profile.json
+            measures no better than a smaller count (`ModelProfile.step_ladder`).
         inline_decode_ms: a decode iteration whose forward is expected to
             take less than this (the previous decode iteration's time) runs
             on the event-loop thread instead of the worker thread: the
@@ -115,10 +118,12 @@ class EngineConfig:
     max_prefills: int = 8
     default_steps: int | None = None
     slo_target_itl_ms: float | None = None
+    slo_target_ttft_ms: float | None = None
     slo_window: int = 64
     slo_hysteresis: float = 0.1
     slo_min_steps: int | None = None
     slo_max_steps: int | None = None
+    slo_quality_ladder: bool = True
     inline_decode_ms: float = 5.0
     max_waiting_per_client: int | None = None
     fair_quantum: int = 256
@@ -500,15 +505,22 @@ class Engine:
         slo = None
         slo_range = ec.slo_range(mc)
         if slo_range is not None:
+            prof = profile or ModelProfile.from_dict(mc, None)
             slo = SLOController(
                 ec.slo_target_itl_ms / 1000.0,
                 *slo_range,
                 window=ec.slo_window,
                 hysteresis=ec.slo_hysteresis,
                 initial_steps=ec.default_steps,
+                config=mc,
+                cost_model=prof.cost_model,
+                ladder=prof.step_ladder(mc, slo_range) if ec.slo_quality_ladder else None,
+                target_ttft_s=None if ec.slo_target_ttft_ms is None else ec.slo_target_ttft_ms / 1000.0,
+                max_batch_size=ec.max_batch_size,
+                max_prefills=ec.max_prefills,
             )
         self.policy = StepPolicy(mc, profile, ec.default_steps, slo)
-        self.stats_callbacks: list[StatsCallback] = []
+        self.stats_callbacks: list[StatsCallback] = [] if slo is None else [slo.on_stats]
         try:
             self._eot: int | None = eot_id(tokenizer)
         except ValueError:
@@ -761,6 +773,7 @@ class Engine:
             requests_finished=self._finished,
             tokens_generated=self._tokens,
             default_steps=self.policy.default_steps,
+            slo=None if self.policy.slo is None else self.policy.slo.snapshot(),
         )
 
     # --- the loop --------------------------------------------------------------

@@ -30,6 +30,12 @@ Series (names below without the `ray_` prefix; counters end in `_total`):
   leanserve_num_requests_waiting{model}                    gauge
   leanserve_kv_cache_bytes{model,state="used"|"capacity"}  gauge
   leanserve_process_resident_memory_bytes{model}           gauge
+  leanserve_slo_operating_steps{model}                     gauge: the SLO controller's mean step count
+  leanserve_slo_arrival_rate{model}                        gauge: its committed arrival rate, requests/s
+  leanserve_slo_predicted_capacity{model}                  gauge: requests/s it predicts its steps sustain
+  leanserve_slo_predicted_itl_seconds{model}               gauge: inter-token latency it predicts
+  leanserve_slo_model_scale{model}                         gauge: measured / cost-model model time
+  leanserve_slo_step_changes{model}                        gauge: operating-point changes since start
   leanserve_device_memory_bytes{model,device}              gauge (CUDA only)
 
 Label sets are bounded: steps is bounded by the model's step range, expert by
@@ -216,6 +222,18 @@ class EngineMetrics:
         self.waiting = f.gauge("leanserve_num_requests_waiting", "Requests waiting for admission.", m)
         self.kv = f.gauge("leanserve_kv_cache_bytes", "KV cache bytes by state.", ("model", "state"))
         self.rss = f.gauge("leanserve_process_resident_memory_bytes", "Resident memory of the replica.", m)
+        # SLO controller (set from `EngineStats.slo` by `refresh`; absent without a controller).
+        self.slo_gauges = {
+            key: f.gauge(name, doc, m)
+            for key, name, doc in (
+                ("operating_point", "leanserve_slo_operating_steps", "SLO controller: mean step count."),
+                ("arrival_rate_rps", "leanserve_slo_arrival_rate", "SLO controller: arrivals/s."),
+                ("capacity_rps", "leanserve_slo_predicted_capacity", "SLO controller: sustainable req/s."),
+                ("predicted_itl_s", "leanserve_slo_predicted_itl_seconds", "SLO controller: predicted ITL."),
+                ("model_scale", "leanserve_slo_model_scale", "SLO controller: measured/predicted time."),
+                ("changes", "leanserve_slo_step_changes", "SLO controller: operating-point changes."),
+            )
+        }
         self.device_memory = (
             f.gauge("leanserve_device_memory_bytes", "CUDA memory allocated by torch.", ("model", "device"))
             if self.device.startswith("cuda")
@@ -257,6 +275,10 @@ class EngineMetrics:
     def refresh(self, s: EngineStats) -> None:
         """Set the gauges from a snapshot; call periodically, since an idle engine emits no iterations."""
         self._set_gauges(s.num_running, s.num_waiting, s.kv_used_bytes, s.kv_capacity_bytes)
+        for key, gauge in self.slo_gauges.items():
+            value = (s.slo or {}).get(key)
+            if isinstance(value, (int, float)):
+                gauge.set(float(value), self._base)
 
     def _set_gauges(self, running: int, waiting: int, kv_used: int, kv_capacity: int) -> None:
         b = self._base

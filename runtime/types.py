@@ -325,6 +325,8 @@ class EngineStats:
         requests_finished: requests that left the engine.
         tokens_generated: tokens generated since start.
         default_steps: the step count the default policy currently gives.
+        slo: the SLO controller's decision, inputs and predictions
+            (`SLOController.snapshot`); None without a controller.
     """
 
     state: str
@@ -339,3 +341,4 @@ class EngineStats:
     requests_finished: int
     tokens_generated: int
     default_steps: int
+    slo: dict[str, Any] | None = None
