@@ -76,6 +76,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overload-rate", type=float, help="its rate (default 1.5 x the capacity measured at N_max)"
     )
+    p.add_argument(
+        "--step-load",
+        action="store_true",
+        help="run the step-load scenario: 0.5x -> 2x -> 0.5x --step-load-rate, every fixed step count "
+        "and the server's SLO controller",
+    )
+    p.add_argument(
+        "--step-load-rate", type=float, help="its unit rate, what N_max sustains (default: measured capacity)"
+    )
+    p.add_argument(
+        "--phase-duration", type=float, default=20.0, help="seconds per step-load phase (default 20)"
+    )
+    p.add_argument(
+        "--step-load-steps",
+        type=_ints_or_keyword,
+        default=None,
+        help="fixed step counts the step load compares: '4,6,12' or 'all' (default)",
+    )
+    p.add_argument("--stats-url", help="the server's /stats (e.g. http://127.0.0.1:8000/stats), polled")
     p.add_argument("--requests", type=int, default=50, help="most requests per point (default 50)")
     p.add_argument("--duration", type=float, default=30.0, help="send window per point, seconds (default 30)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
@@ -121,6 +140,11 @@ def config_from_args(args: Any) -> Any:
         rates=args.rates,
         overload=args.overload,
         overload_rate=args.overload_rate,
+        step_load=args.step_load,
+        step_load_rate=args.step_load_rate,
+        phase_s=args.phase_duration,
+        step_load_steps=args.step_load_steps,
+        stats_url=args.stats_url,
         max_requests=args.requests,
         duration_s=args.duration,
         max_tokens=args.max_tokens,

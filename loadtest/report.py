@@ -7,6 +7,7 @@ Files written into the output folder:
 * `overload_timeseries.csv`: per request of the overload points;
 * `latency_vs_steps.png`, `throughput_vs_steps.png`, `latency_vs_quality.png`,
   `overload_timeseries.png`;
+* `step_load.csv`, `step_load.png`: the step-load scenario per policy and phase (`loadtest.stepload`);
 * `summary.md`: the tables, ready to paste into the README.
 
 A plot whose data is missing (e.g. no profile, so no perplexity) is still
@@ -21,6 +22,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from loadtest import stepload
 from loadtest.sweep import PointResult, SweepReport
 
 FILES = (
@@ -31,6 +33,8 @@ FILES = (
     "throughput_vs_steps.png",
     "latency_vs_quality.png",
     "overload_timeseries.png",
+    "step_load.csv",
+    "step_load.png",
     "summary.md",
 )
 _CSV_FIELDS = [f.name for f in fields(PointResult) if f.name != "series"]
@@ -225,6 +229,7 @@ def markdown(report: SweepReport) -> str:
     examples = {(code, msg) for p in report.points for code, msg in p.error_examples.items()}
     if examples:
         lines += ["", "Errors (one message per code):", ""] + [f"- {c}: {m}" for c, m in sorted(examples)]
+    lines += [""] + stepload.markdown(report.step_load) if report.step_load is not None else []
     if report.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
@@ -238,5 +243,10 @@ def write_report(report: SweepReport, out_dir: str | Path) -> list[Path]:
     write_csv(report, out / "points.csv")
     write_timeseries_csv(report, out / "overload_timeseries.csv")
     plot_all(report, out)
+    with (out / "step_load.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=stepload.CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(stepload.csv_rows(report.step_load))
+    stepload.plot(report.step_load, out / "step_load.png", report.model.get("name", "?"))
     (out / "summary.md").write_text(markdown(report), encoding="utf-8")
     return [out / f for f in FILES]

@@ -300,6 +300,12 @@ class SweepConfig:
         rates: rates to sweep at the maximum steps (open loop).
         overload: run the overload scenario.
         overload_rate: its rate (None = 1.5 x the closed-loop capacity measured at N_max).
+        step_load: run the step-load scenario (`loadtest.stepload`).
+        step_load_rate: its unit rate, the sustainable rate at N_max (None = the closed-loop
+            capacity measured at N_max).
+        phase_s: seconds per step-load phase.
+        step_load_steps: fixed step counts compared in the step load (None = the whole range).
+        stats_url: the server's `/stats`, polled for the controller's operating point.
         max_requests: per point.
         duration_s: per point send window; in-flight requests get `timeout_s` more.
         max_tokens: per request.
@@ -326,6 +332,11 @@ class SweepConfig:
     rates: list[float] = field(default_factory=list)
     overload: bool = False
     overload_rate: float | None = None
+    step_load: bool = False
+    step_load_rate: float | None = None
+    phase_s: float = 20.0
+    step_load_steps: list[int] | None = None
+    stats_url: str | None = None
     max_requests: int = 50
     duration_s: float = 30.0
     max_tokens: int = 32
@@ -360,6 +371,7 @@ class SweepReport:
     overload_rate: float | None = None
     cost_r2: float | None = None
     notes: list[str] = field(default_factory=list)
+    step_load: Any = None  # loadtest.stepload.StepLoadResult
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -369,6 +381,7 @@ class SweepReport:
             "cost_model_r2": self.cost_r2,
             "notes": self.notes,
             "points": [asdict(p) for p in self.points],
+            "step_load": None if self.step_load is None else self.step_load.to_dict(),
         }
 
 
@@ -493,6 +506,8 @@ class Sweep:
             report = SweepReport(info, _config_dict(cfg), points)
             if cfg.overload:
                 await self._overload(info, report)
+            if cfg.step_load:
+                await self._step_load(info, report)
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -535,6 +550,29 @@ class Sweep:
                 f"the default-policy point ran with policy reasons {ctl.policy_reasons}, not only "
                 f"'default:slo': start the server with --slo-target-itl-ms to compare its SLO controller"
             )
+
+    async def _step_load(self, info: dict[str, Any], report: SweepReport) -> None:
+        """The step-load scenario (`loadtest.stepload`) at `step_load_rate` or the probed capacity."""
+        from loadtest.stepload import run_step_load
+
+        cfg = self.cfg
+        rate = cfg.step_load_rate
+        if rate is None:
+            hi = info["max_steps"]
+            probe = await self.run_point(
+                "probe", f"N={hi} capacity", {"steps": hi}, mode="closed", max_requests=16
+            )
+            if not probe.ok:
+                report.notes.append(f"step load skipped: no request succeeded at N_max {probe.errors}")
+                return
+            rate = probe.throughput_rps
+            report.notes.append(
+                f"step-load unit rate {rate:.2f}/s = closed-loop capacity at N_max"
+                f" (concurrency {cfg.concurrency})"
+            )
+        report.step_load = await run_step_load(
+            self, info, rate, phase_s=cfg.phase_s, steps=cfg.step_load_steps, stats_url=cfg.stats_url
+        )
 
 
 def _compare_cost_model(report: SweepReport) -> None:

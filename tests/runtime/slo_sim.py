@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.stepload import count_reversals
 from models.config import ModelConfig
 from models.cost import CostModel
 from runtime.policy import ModelProfile, SLOController, StepPolicy
@@ -168,18 +169,6 @@ class Run:
     def mean_steps(self, start: float, end: float) -> float:
         rs = self.phase(start, end)
         return sum(r.steps for r in rs) / len(rs)
-
-
-def count_reversals(values: list[float]) -> int:
-    """How often a series changes direction (repeated values do not count)."""
-    reversals, last = 0, 0
-    for a, b in zip(values, values[1:], strict=False):
-        if b == a:
-            continue
-        d = 1 if b > a else -1
-        reversals += last not in (0, d)
-        last = d
-    return reversals
 
 
 def simulate(
