@@ -159,17 +159,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
 
+    return run_command(args.command, _resolve(target), args)
+
+
+def run_command(
+    name: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace
+) -> int:
+    """Runs `func(args)` with the CLI's error reporting: a user error (`USER_ERRORS`) prints
+    `leanserve NAME: error: MESSAGE` and returns 2, Ctrl-C returns 130; with `args.debug`
+    both re-raise. Also used by `leanserve serve`'s driver process (runtime/serve_cli.py)."""
+    debug = getattr(args, "debug", False)
     try:
-        rc = _resolve(target)(args)
+        rc = func(args)
     except USER_ERRORS as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{PROG} {name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.debug:
+        if debug:
             raise
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        print(f"{PROG} {name}: interrupted", file=sys.stderr)
         return 130
     return 0 if rc is None else int(rc)
 
@@ -378,6 +388,21 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the default step count, the SLO controller's range and the quality tiers')",
     )
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    p.add_argument(
+        "--graceful-shutdown-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM / Ctrl-C, how long in-flight requests may run before they are cut "
+        "(Serve's graceful_shutdown_timeout_s; default: the --config file's, else 20)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key on every generation call (HTTP `Authorization: Bearer KEY`, gRPC "
+        "metadata `authorization: Bearer KEY`); default: $LEANSERVE_API_KEY of the environment, "
+        "else no key. Prefer the environment variable: a flag is visible in `ps`",
+    )
 
 
 register(
@@ -408,7 +433,7 @@ def _add_info_arguments(p: argparse.ArgumentParser) -> None:
 
 register(
     "info",
-    "show a model's architecture, step range, expert options and tiers",
+    "check a model directory (exit 2 if broken); show its architecture, step range, experts, tiers",
     _add_info_arguments,
     "runtime.local:info",
 )

@@ -64,12 +64,14 @@ def generate_local(args: Any) -> int:
 
 
 def info(args: Any) -> int:
-    """Print a model directory's architecture, compute options and profile."""
-    from models.checkpoint import PROFILE_FILE, load_config, read_json
+    """Check a model directory (`models.checkpoint.check_model_dir`: config, every tensor's name,
+    shape and dtype, tokenizer, optional files), then print its architecture, compute options
+    and profile. A broken directory raises `CheckpointError` (exit 2, the file named)."""
+    from models.checkpoint import PROFILE_FILE, check_model_dir, read_json
     from models.cost import param_counts
 
     model_dir = resolve_model_dir(args.model)
-    c = load_config(model_dir)
+    c = check_model_dir(model_dir)
     counts = param_counts(c)
     lo, hi = c.step_range
     summary = {

@@ -338,12 +338,20 @@ class LeanServer:
             raise RuntimeError(f"engine is {None if self.engine is None else self.engine.state}")
 
     async def __del__(self) -> None:
-        """Replica shutdown: drain the engine (bounded), then stop the refresher."""
+        """Replica shutdown, also the drain `leanserve serve` broadcasts on SIGTERM
+        (runtime/serve_cli.py `drain_app`): the engine refuses new requests (UNAVAILABLE / 503)
+        and finishes the accepted ones for up to `graceful_shutdown_timeout_s`, then fails the
+        rest. Idempotent: Ray calls it again when it stops the replica."""
         refresher = getattr(self, "_refresher", None)
         if refresher is not None:
             refresher.cancel()
         if getattr(self, "engine", None) is not None and self.engine is not None:
-            await self.engine.stop(drain=True, timeout_s=10.0)
+            # Imported here: Serve pickles this class while the module is still loading, before
+            # deployment_options (defined below) exists in the globals it captures.
+            from runtime.serve_app import deployment_options
+
+            bound = deployment_options(self.args)["graceful_shutdown_timeout_s"]
+            await self.engine.stop(drain=True, timeout_s=bound)
 
     # --- gRPC: leanserve.v1.TextGeneration --------------------------------------------
     async def _submit_grpc(self, request: Any, grpc_context: Any) -> AsyncIterator[RequestOutput]:
@@ -511,6 +519,14 @@ def deployment_options(parsed: ServeArgs) -> dict[str, Any]:
     # ode-tiny at 9.5 requests/s, N=12: TTFT p99 2.2 s with Ray's default, 0.12 s with this.
     engine = EngineConfig(**parsed.engine)
     options.setdefault("max_ongoing_requests", engine.max_batch_size + engine.max_waiting)
+    # One drain bound for Ray's replica stop and the engine's drain in __del__ (Ray's default
+    # is also 20 s; `leanserve serve --graceful-shutdown-timeout` / the config's deployment set it).
+    from runtime.serve_cli import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S  # standard library only
+
+    options.setdefault("graceful_shutdown_timeout_s", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
+    # Ray re-checks a stopping replica's ongoing requests this often (default 2 s): a drained
+    # replica then stops at once instead of idling out the period.
+    options.setdefault("graceful_shutdown_wait_loop_s", 0.5)
     if "autoscaling_config" in options:
         options.pop("num_replicas", None)  # Ray rejects both together
     return options

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points, version
 from pathlib import Path
 
@@ -140,3 +145,120 @@ def test_usage_errors_exit_2(fake: str, capsys: pytest.CaptureFixture[str]) -> N
     assert cli.main(["no-such-command"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert CALLS == []
+
+
+# --- broken model directories: `leanserve info` and `leanserve serve` refuse them, naming the file ---
+
+
+def _break_truncated(d: Path) -> None:
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 3])
+
+
+def _rewrite_state(d: Path, edit: Callable[[dict], None]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(d / "model.safetensors"))
+    edit(state)
+    save_file(state, str(d / "model.safetensors"))
+
+
+def _wrong_shape(state: dict) -> None:
+    import torch
+
+    state["wpe.weight"] = torch.zeros(3, 3)
+
+
+def _unexpected(state: dict) -> None:
+    import torch
+
+    state["bogus.weight"] = torch.zeros(2)
+
+
+def _bad_config(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "n_heads": 0}))
+
+
+BROKEN = {
+    "truncated": (
+        _break_truncated,
+        r"model\.safetensors is truncated: header says \d+ kB of data, file has \d+ kB",
+    ),
+    "wrong-shape": (
+        lambda d: _rewrite_state(d, _wrong_shape),
+        r"model\.safetensors: tensor 'wpe\.weight' has shape \(3, 3\), config\.json implies \(64, 32\)",
+    ),
+    "missing-tensor": (
+        lambda d: _rewrite_state(d, lambda s: s.pop("wte.weight")),
+        r"model\.safetensors: tensor 'wte\.weight' is missing",
+    ),
+    "unexpected-tensor": (
+        lambda d: _rewrite_state(d, _unexpected),
+        r"model\.safetensors: unexpected tensor 'bogus\.weight'",
+    ),
+    "wrong-dtype": (
+        lambda d: _rewrite_state(d, lambda s: s.update({"wpe.weight": s["wpe.weight"].double()})),
+        r"model\.safetensors: tensor 'wpe\.weight' has dtype F64, the model expects F32",
+    ),
+    "no-tokenizer": (lambda d: (d / "tokenizer.json").unlink(), r"tokenizer\.json: file not found"),
+    "corrupt-tokenizer": (
+        lambda d: (d / "tokenizer.json").write_text('{"model": '),
+        r"tokenizer\.json: does not load \(.*not valid JSON",
+    ),
+    "bad-config": (_bad_config, r"config\.json: invalid n_heads=0"),
+}
+
+
+@pytest.fixture
+def broken_dir(request, tiny_model_dir, tmp_path) -> tuple[Path, str]:
+    """A copy of the tiny test model, broken as the test's parameter says; (dir, expected message)."""
+    import shutil
+
+    breakage, message = BROKEN[request.param]
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    breakage(d)
+    return d, message
+
+
+def _leanserve(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    t0 = time.monotonic()
+    # A session of its own: if the check ever let a broken directory through, the Ray it started
+    # goes down with the kill below, and nothing reaches pytest's process group.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - t0
+
+
+@pytest.mark.parametrize("broken_dir", sorted(BROKEN), indirect=True)
+def test_info_and_serve_refuse_a_broken_model_directory(broken_dir, free_port) -> None:
+    d, message = broken_dir
+    info, _ = _leanserve("info", str(d))
+    assert info.returncode == 2, info.stdout + info.stderr
+    assert re.search(r"^leanserve info: error: .*" + message, info.stderr), info.stderr
+    assert info.stdout == ""
+    port = str(free_port())
+    serve, elapsed = _leanserve("serve", str(d), "--grpc-port", port, "--http-port", str(free_port()),
+                                "--metrics-port", str(free_port()), "--startup-timeout", "5")  # fmt: skip
+    assert serve.returncode == 2, serve.stdout + serve.stderr
+    assert re.search(r"^leanserve serve: error: .*" + message, serve.stderr, re.MULTILINE), serve.stderr
+    assert "starting Ray" not in serve.stderr  # refused before Ray starts
+    assert len(serve.stderr.strip().splitlines()) == 1  # one line, no traceback
+    # Measured here: 0.2 s for a truncated file or a bad tokenizer/config, ~2 s when torch must
+    # load to compare tensors (2 cores). The bound is generous against a busy machine.
+    assert elapsed < 15, elapsed
+
+
+def test_info_on_a_good_directory(tiny_model_dir) -> None:
+    proc, _ = _leanserve("info", str(tiny_model_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["name"] == "serve-tiny"

@@ -13,6 +13,7 @@ kubectl and promtool: skipped when missing locally, a failure under CI=true.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import json
@@ -21,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +181,8 @@ def test_ports_probes_resources_and_graceful_shutdown(overlay):
         res = container["resources"]
         assert res["requests"] and res["limits"] and res["requests"] == res["limits"], name
         assert container["image"].startswith("registry.example.com/leanserve:"), name
-        assert "ray stop" in " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
-        assert pod["terminationGracePeriodSeconds"] >= 30
+        _check_drain(name, pod, container)
+        _check_api_key_env(name, container)
         assert pod["securityContext"]["runAsNonRoot"] is True
         if name != "head":
             assert container["readinessProbe"]["grpc"]["port"] == PORTS["serve-grpc"]
@@ -191,6 +193,96 @@ def test_ports_probes_resources_and_graceful_shutdown(overlay):
         if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
     ]
     assert len(gpu_groups) == (1 if overlay == "gpu" else 0)
+
+
+def _prestop_args(container: dict[str, Any]) -> argparse.Namespace:
+    """The preStop hook's command, parsed with deploy/docker/prestop.py's own options."""
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["python", "/home/ray/prestop.py"], command
+    ns: dict[str, Any] = {"head": False, "settle": 5.0, "wait": 60.0, "stop_grace": 10}
+    rest = list(command[2:])
+    while rest:
+        flag = rest.pop(0)
+        assert flag.startswith("--"), command
+        key = flag[2:].replace("-", "_")
+        assert key in ns, f"unknown preStop option {flag}"
+        ns[key] = True if key == "head" else float(rest.pop(0))
+    return argparse.Namespace(**ns)
+
+
+def _serve_args() -> dict[str, Any]:
+    return yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8"))["applications"][0]["args"]
+
+
+def _check_drain(name: str, pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """preStop drains Serve (workers: `ray drain-node`; the head keeps GCS up) for long enough
+    that a replica's graceful_shutdown_timeout_s and the proxy's draining period fit, and
+    Kubernetes' grace period covers the whole hook."""
+    hook = _prestop_args(container)
+    assert hook.head == (name == "head"), name
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    proxy_drain_s = float(env["RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S"])
+    graceful_s = _serve_args()["deployment"]["graceful_shutdown_timeout_s"]
+    assert hook.wait >= graceful_s + proxy_drain_s + 10, (name, hook, graceful_s)
+    assert pod["terminationGracePeriodSeconds"] >= hook.settle + hook.wait + hook.stop_grace + 5, name
+
+
+def _check_api_key_env(name: str, container: dict[str, Any]) -> None:
+    (var,) = [e for e in container["env"] if e["name"] == "LEANSERVE_API_KEY"]
+    ref = var["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "leanserve-api-key", "key": "api-key", "optional": True}, name
+
+
+def test_serve_config_drain_bound_is_leanserves_default():
+    from runtime.serve_cli import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
+
+    assert _serve_args()["deployment"]["graceful_shutdown_timeout_s"] == DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
+
+
+def _fake_ray(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A `ray` on PATH that only logs its arguments."""
+    log = tmp_path / "ray.log"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ray = bin_dir / "ray"
+    ray.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    ray.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, log
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_prestop_drains_then_stops_ray(tmp_path, head):
+    env, log = _fake_ray(tmp_path)
+    args = [sys.executable, str(DEPLOY / "docker" / "prestop.py"), "--settle", "0", "--wait", "2"]
+    out = subprocess.run(
+        args + (["--head"] if head else []), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    if head:
+        assert calls == ["stop --grace-period 10"]
+    else:
+        assert calls[0].startswith("drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message")
+        assert calls[0].endswith("--deadline-remaining-seconds 2") and calls[1:] == ["stop --grace-period 10"]
+        assert "prestop: drained after" in out.stderr
+
+
+def test_prestop_waits_for_serve_processes_bounded(tmp_path):
+    sys.path.insert(0, str(DEPLOY / "docker"))
+    try:
+        import prestop
+    finally:
+        sys.path.remove(str(DEPLOY / "docker"))
+    sleeper = subprocess.Popen(["ray::ProxyActor", "30"], executable=shutil.which("sleep"))
+    try:
+        assert sleeper.pid in prestop.serve_processes()
+        t0 = time.monotonic()
+        assert prestop.wait_until_gone(prestop.SERVE_PROCESSES, 0.5) is False  # bounded
+        assert time.monotonic() - t0 < 10
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    assert prestop.wait_until_gone(prestop.SERVE_PROCESSES, 5) is True
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -425,10 +517,13 @@ def test_dockerfile(name, platform, extra):
 
     (health,) = [a for i, a in ins if i == "HEALTHCHECK"]
     assert "/home/ray/healthcheck.py" in health and (DEPLOY / "docker" / "healthcheck.py").exists()
-    from runtime.serve_cli import SERVE_LATENCY_ENV
+    from runtime.serve_cli import GRPC_MESSAGE_ENV, SERVE_LATENCY_ENV
 
     env = dict(pair.split("=", 1) for i, a in ins if i == "ENV" for pair in a.split())
     assert {k: env.get(k) for k in SERVE_LATENCY_ENV} == SERVE_LATENCY_ENV, f"{name}: Serve latency env"
+    assert {k: env.get(k) for k in GRPC_MESSAGE_ENV} == GRPC_MESSAGE_ENV, f"{name}: gRPC message bounds"
+    copied = " ".join(a for i, a in ins if i == "COPY")
+    assert "deploy/docker/prestop.py /home/ray/prestop.py" in copied, f"{name}: the preStop hook"
 
 
 def _dockerignored(src: str) -> bool:
