@@ -172,6 +172,19 @@ class _ClientErrorFilter(logging.Filter):
         return True
 
 
+def _rss_bytes() -> int | None:
+    """This process's resident set size (Linux /proc), for soak tests and dashboards.
+
+    Defined above `LeanServer`: Serve ships the class by value with the globals it uses as
+    they are when it is decorated, so a helper defined below the class would be missing.
+    """
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _install_client_error_log_filter() -> None:
     serve_logger = logging.getLogger("ray.serve")
     if not any(isinstance(f, _ClientErrorFilter) for f in serve_logger.filters):
@@ -333,8 +346,12 @@ class LeanServer:
                 self.metrics.refresh(self.engine.stats())
 
     def check_health(self) -> None:
-        """Ray's health check: raise when the engine cannot serve, so Ray replaces the replica."""
-        if self.engine is None or self.engine.state != "running":
+        """Ray's health check: raise when the engine cannot serve, so Ray replaces the replica.
+
+        A draining engine is healthy (it finishes accepted requests; failing the check would
+        make Ray start a needless replacement mid-drain); a dead one fails at once.
+        """
+        if self.engine is None or self.engine.state not in ("running", "draining"):
             raise RuntimeError(f"engine is {None if self.engine is None else self.engine.state}")
 
     async def __del__(self) -> None:
@@ -492,8 +509,8 @@ class LeanServer:
 
     @app.get("/stats")
     async def stats(self) -> Any:
-        """The engine's counters (queue, KV bytes, tokens) as JSON."""
-        return dataclasses.asdict(self._engine().stats())
+        """The engine's counters (queue, KV bytes, tokens) and the replica's RSS as JSON."""
+        return {**dataclasses.asdict(self._engine().stats()), "rss_bytes": _rss_bytes()}
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

@@ -97,6 +97,14 @@ def test_api_key_is_required_except_for_health(server):
         stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=30)
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=30, metadata=AUTH).name == "serve-tiny"
+    from runtime.client import Client
+
+    client = Client(f"127.0.0.1:{server['grpc']}", api_key=KEY)  # what `leanserve generate --server` uses
+    try:
+        assert client.model_info().name == "serve-tiny"
+        assert client.generate(_req(pb2), timeout=30).usage.completion_tokens >= 1
+    finally:
+        client.close()
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -110,6 +118,9 @@ def test_api_key_is_required_except_for_health(server):
     assert _http(server, "/healthz", key=None) == (200, {"ready": True})
     status, body = _http(server, "/v1/completions", {"prompt": "God", "max_tokens": 2})
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    assert _http(server, "/stats", key=None)[0] == 401
+    status, stats = _http(server, "/stats")
+    assert status == 200 and stats["rss_bytes"] > 10 * 2**20 and stats["state"] == "running"
 
 
 # --- inputs that used to take the replica down or leak internals -----------------------------
