@@ -109,6 +109,32 @@ def abort(context: StatusContext, error: BaseException) -> NoReturn:
     raise AbortedRpcError(f"{code.name}: {error}") from None
 
 
+class ClientErrorLogFilter(logging.Filter):
+    """Turn Ray's ERROR-with-traceback for a client error into one WARNING line.
+
+    A handler ends a failed RPC by raising `AbortedRpcError` after setting the status (Ray
+    returns the status, and counts the request as an error, only then); Ray's replica and its
+    proxy log each such exception with a traceback. A client error (bad field, overload,
+    deadline, missing key, ...) is not a server fault, so its record becomes one line; INTERNAL
+    keeps its traceback. In the proxy the exception arrives wrapped in Ray's `gRPCStatusError`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        exc = getattr(exc, "original_exception", exc)
+        if isinstance(exc, AbortedRpcError) and not str(exc).startswith("INTERNAL"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info, record.exc_text = f"client error: {exc}", (), None, None
+        return True
+
+
+def install_client_error_log_filter() -> None:
+    """Add `ClientErrorLogFilter` to Ray Serve's logger of this process (idempotent)."""
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, ClientErrorLogFilter) for f in serve_logger.filters):
+        serve_logger.addFilter(ClientErrorLogFilter())
+
+
 def timeout_ms_from_metadata(context: StatusContext | None) -> float | None:
     """The client's remaining time from `x-leanserve-timeout-ms`, or None (absent or invalid).
 
@@ -190,6 +216,7 @@ def add_text_generation_servicer(servicer: Any, server: Any) -> None:
 
         install()
         make_unavailable_retryable(server)
+        install_client_error_log_filter()
     pb2, _ = load_stubs()
     handlers = {
         "Generate": grpc.unary_unary_rpc_method_handler(

@@ -156,22 +156,6 @@ class ServeArgs:
         return out
 
 
-class _ClientErrorFilter(logging.Filter):
-    """Ray's replica logs every exception a handler raises as an ERROR with a traceback.
-
-    A stream that fails with a client error (bad field, overload, deadline, ...)
-    has to raise to end the RPC with its status; that is not a server fault, so
-    its record becomes one WARNING line. Server bugs (INTERNAL) keep their traceback.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, conv.AbortedRpcError) and not str(exc).startswith("INTERNAL"):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args, record.exc_info, record.exc_text = f"client error: {exc}", (), None, None
-        return True
-
-
 def _rss_bytes() -> int | None:
     """This process's resident set size (Linux /proc), for soak tests and dashboards.
 
@@ -185,13 +169,8 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _install_client_error_log_filter() -> None:
-    serve_logger = logging.getLogger("ray.serve")
-    if not any(isinstance(f, _ClientErrorFilter) for f in serve_logger.filters):
-        serve_logger.addFilter(_ClientErrorFilter())
-
-
 app = FastAPI(title="leanserve", docs_url=None, redoc_url=None)
+
 
 def key_matches(authorization: str | None, key: str) -> bool:
     """Whether an `Authorization` value is `Bearer <key>` (compared in constant time)."""
@@ -296,7 +275,7 @@ class LeanServer:
         # holds the Deployment), with private copies of the globals its methods use, while the
         # middleware is the module's own function and reads the module's list.
         importlib.import_module(__name__)._http_api_key[0] = self.api_key
-        _install_client_error_log_filter()
+        conv.install_client_error_log_filter()
         self.pb2, _ = load_stubs()
         from grpc_health.v1 import health_pb2
 
@@ -382,9 +361,8 @@ class LeanServer:
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 (RPC name)
         """Unary RPC: run to completion and return the whole text.
 
-        An error is returned, not raised: the status set on the context reaches
-        the client either way, and a returned error logs one line here instead
-        of a traceback in both the replica and the proxy.
+        Errors are raised after the status is set (`conv.abort`), not returned: only then
+        does Ray's proxy count them in `ray_serve_num_grpc_error_requests_total`.
         """
         outputs: list[RequestOutput] = []
         try:
@@ -393,8 +371,7 @@ class LeanServer:
             if outputs[-1].finish_reason == "cancelled":
                 raise conv.RequestCancelledError("the request was cancelled")
         except Exception as e:
-            conv.set_error(grpc_context, e)
-            return self.pb2.GenerateResponse()
+            conv.abort(grpc_context, e)
         return conv.to_response(self.pb2, conv.merge_outputs(outputs))
 
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
@@ -420,8 +397,7 @@ class LeanServer:
             self._authorize(conv.authorization_from_metadata(grpc_context))
             return conv.model_info(self.pb2, self._engine())
         except Exception as e:
-            conv.set_error(grpc_context, e)
-            return self.pb2.ModelInfo()
+            conv.abort(grpc_context, e)
 
     def _authorize(self, header: str | None) -> None:
         """Check an `Authorization` value against the API key (constant time); no key: all pass.

@@ -213,8 +213,36 @@ def test_replica_admits_what_the_engine_can_hold_unless_configured():
     opts = deployment_options(
         ServeArgs.from_dict({"deployment": {"max_ongoing_requests": 7, "num_replicas": 2}})
     )
-    assert opts == {"max_ongoing_requests": 7, "num_replicas": 2}
+    assert opts["max_ongoing_requests"] == 7 and opts["num_replicas"] == 2
+    # One drain bound for Ray's replica stop and the engine (runtime/serve_cli.py's default).
+    assert opts["graceful_shutdown_timeout_s"] == 20.0
     auto = deployment_options(
         ServeArgs.from_dict({"deployment": {"num_replicas": 2, "autoscaling_config": {}}})
     )
     assert "num_replicas" not in auto
+
+
+def test_client_error_log_records_become_one_warning_line():
+    import logging
+
+    from runtime.grpc_servicer import AbortedRpcError, ClientErrorLogFilter
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord(
+            "ray.serve", logging.ERROR, __file__, 1, "Request failed.", (), (type(exc), exc, None)
+        )
+
+    class WrappedError(Exception):  # Ray's gRPCStatusError in the proxy
+        def __init__(self, original):
+            self.original_exception = original
+
+    f = ClientErrorLogFilter()
+    for exc in (
+        AbortedRpcError("INVALID_ARGUMENT: invalid top_p=2"),
+        WrappedError(AbortedRpcError("UNAUTHENTICATED: x")),
+    ):
+        r = record(exc)
+        assert f.filter(r) and r.levelno == logging.WARNING and r.exc_info is None
+        assert r.getMessage().startswith("client error: ")
+    internal = record(AbortedRpcError("INTERNAL: bug"))
+    assert f.filter(internal) and internal.levelno == logging.ERROR and internal.exc_info is not None
