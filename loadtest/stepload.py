@@ -78,6 +78,7 @@ class StepLoadResult:
         back_s: per phase that follows a drop in load, seconds until the full step count.
         best_fixed: per phase, the fixed policy with the best perplexity among those within target.
         verdicts: per phase, each target and whether the controller met it.
+        polled: the controller's `/stats` snapshots (its inputs and predictions) over the run.
     """
 
     rate: float
@@ -93,6 +94,7 @@ class StepLoadResult:
     back_s: dict[int, float | None] = field(default_factory=dict)
     best_fixed: list[str | None] = field(default_factory=list)
     verdicts: list[dict[str, bool | None]] = field(default_factory=list)
+    polled: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,6 +200,7 @@ def _trajectory(result: StepLoadResult, polled: list[dict[str, Any]]) -> None:
     """The controller's trajectory, its reversals per phase and the time back to full steps."""
     n, phase_s = len(result.multipliers), result.phase_s
     if polled:
+        result.polled = polled
         result.trace = [(round(p["t"], 3), float(p["operating_point"])) for p in polled]
         result.trace_source = "stats"
         result.ladder_top = int(polled[-1]["ladder"][-1]) if polled[-1].get("ladder") else None
@@ -390,3 +393,49 @@ def plot(result: StepLoadResult | None, path: Any, name: str = "?") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------
+# README block: `python -m loadtest.stepload README.md RESULTS_DIR` rewrites the text between
+# the markers from RESULTS_DIR/points.json, so the README's table is the report's.
+# ----------------------------------------------------------------------------
+BEGIN, END = "<!-- step-load:begin -->", "<!-- step-load:end -->"
+
+
+def load(points_json: Any) -> StepLoadResult:
+    """The step-load result of a report's points.json."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(points_json).read_text(encoding="utf-8"))["step_load"]
+    data["back_s"] = {int(k): v for k, v in data["back_s"].items()}
+    data["trace"] = [tuple(p) for p in data["trace"]]
+    return StepLoadResult(**data)
+
+
+def readme_block(results_dir: Any) -> str:
+    """The README block for a results folder (its table, images linked from the folder)."""
+    from pathlib import Path
+
+    folder = Path(results_dir)
+    lines = markdown(load(folder / "points.json"), title_level="####")
+    lines = [line.replace("](step_load.png)", f"]({folder.as_posix()}/step_load.png)") for line in lines]
+    return "\n".join([BEGIN, *lines, END])
+
+
+def update_readme(readme: Any, results_dir: Any) -> None:
+    """Replace the marked block of `readme` with `readme_block(results_dir)`."""
+    from pathlib import Path
+
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    path.write_text(text[:start] + readme_block(results_dir) + text[end:], encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m loadtest.stepload README.md RESULTS_DIR")
+    update_readme(sys.argv[1], sys.argv[2])

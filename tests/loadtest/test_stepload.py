@@ -9,7 +9,7 @@ import pytest
 
 from loadtest.arrivals import LengthSpec
 from loadtest.report import markdown, write_report
-from loadtest.stepload import CONTROLLER, count_reversals, step_schedule
+from loadtest.stepload import BEGIN, CONTROLLER, END, count_reversals, step_schedule, update_readme
 from loadtest.sweep import SweepConfig, run_sweep
 
 from .test_sweep_report import model_dir  # noqa: F401 - the fixture
@@ -51,6 +51,12 @@ def test_step_load_rows_verdicts_and_files(fake_server, model_dir: Path, tmp_pat
     rows = list(csv.DictReader((out / "step_load.csv").open()))
     assert len(rows) == 9 and rows[0]["policy"] == "fixed N=2"
     assert (out / "step_load.png").read_bytes()[:4] == b"\x89PNG"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold\n{END}\nafter\n")
+    update_readme(readme, out)
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith(f"{END}\nafter\n")
+    assert "| fixed N=8 |" in text and f"]({out.as_posix()}/step_load.png)" in text
 
 
 @pytest.mark.parametrize("flag", [["--step-load", "--step-load-rate", "5", "--phase-duration", "20"]])

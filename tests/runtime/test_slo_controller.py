@@ -53,10 +53,10 @@ def test_quality_ladder_skips_step_counts_that_buy_nothing(model):
 # Issue 20's targets, checked here per phase of the simulated step load: >= 95 % of requests
 # within the SLO, <= 2 reversals of the operating point after the phase's first 5 s, back at the
 # top within 10 s of the drop. In the overloaded phase the simulation measures (seeds 0-4)
-# 91-100 % within the SLO and 1-4 reversals, so that phase is held to the bounds below instead
-# (see the module docstring of runtime/policy.py for where the reversals come from: bursts).
+# 92-100 % within the SLO (the first seconds after the step, before the new rate is known), so
+# that phase is held to 90 % instead.
 OVERLOADED_GOOD = 0.9
-OVERLOADED_REVERSALS = 4
+OVERLOADED_REVERSALS = 2
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -90,7 +90,7 @@ def test_ramp_lowers_without_oscillating(model):
     rate12 = model[3]
     run = _run(model, lambda t: rate12 * (0.5 + 1.5 * min(t, 40.0) / 40.0), 50.0)
     points = run.points(5.0, 50.0)
-    assert count_reversals(points) <= OVERLOADED_REVERSALS
+    assert count_reversals(points) <= 3  # over 45 s: the per-20-s bound of 2, scaled
     assert points[0] == 7.0 and max(run.points(40.0, 50.0)) < 6.0
     assert run.good_fraction(0.0, 50.0) >= 0.95
 
