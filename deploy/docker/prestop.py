@@ -22,6 +22,7 @@ standard library and psutil (a Ray dependency).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -32,15 +33,25 @@ REPLICA_PROCESSES = ("ray::ServeReplica",)
 POLL_S = 1.0
 
 
-def serve_processes(prefixes: Sequence[str] = SERVE_PROCESSES) -> list[int]:
-    """Pids of this pod's processes whose title (argv[0]) starts with one of `prefixes`."""
+def serve_processes(prefixes: Sequence[str] = SERVE_PROCESSES, root: int | None = None) -> list[int]:
+    """Pids of this pod's processes whose title (argv[0]) starts with one of `prefixes`.
+
+    Args:
+        prefixes: process-title prefixes.
+        root: only descendants of this pid (tests on a shared machine); None = every process
+            of the pod.
+    """
     import psutil
 
+    procs = psutil.process_iter() if root is None else psutil.Process(root).children(recursive=True)
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
+    for proc in procs:
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:  # gone or not ours to read
+            continue
         if cmdline and cmdline[0].startswith(tuple(prefixes)):
-            found.append(proc.info["pid"])
+            found.append(proc.pid)
     return found
 
 
@@ -64,7 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for Serve to drain this pod")
     p.add_argument("--stop-grace", type=int, default=10, help="`ray stop --grace-period`")
     p.add_argument("--head", action="store_true", help="the head pod: no drain-node; keep GCS up for --wait")
+    p.add_argument(
+        "--descendants-only", action="store_true", help="watch only this hook's own child processes (tests)"
+    )
     args = p.parse_args(argv)
+    root = os.getpid() if args.descendants_only else None
+
+    def listing(prefixes: Sequence[str]) -> list[int]:
+        return serve_processes(prefixes, root)
 
     def log(message: str) -> None:
         print(f"prestop: {message}", file=sys.stderr, flush=True)
@@ -72,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     time.sleep(args.settle)
     t0 = time.monotonic()
     if args.head:
-        wait_until_gone(REPLICA_PROCESSES, args.wait)
+        wait_until_gone(REPLICA_PROCESSES, args.wait, listing)
         remaining = args.wait - (time.monotonic() - t0)
         log(f"head: GCS and Serve controller stay up {max(0.0, remaining):.0f} s more for the workers")
         time.sleep(max(0.0, remaining))
@@ -87,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         if drain.returncode != 0:
             log(f"ray drain-node failed (exit {drain.returncode}); waiting for Serve anyway")
-        drained = wait_until_gone(SERVE_PROCESSES, args.wait)
+        drained = wait_until_gone(SERVE_PROCESSES, args.wait, listing)
         log(f"{'drained' if drained else 'not drained'} after {time.monotonic() - t0:.0f} s")
     subprocess.run(["ray", "stop", "--grace-period", str(args.stop_grace)], check=False)
     return 0

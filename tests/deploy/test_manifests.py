@@ -253,7 +253,16 @@ def _fake_ray(tmp_path: Path) -> tuple[dict[str, str], Path]:
 @pytest.mark.parametrize("head", [False, True])
 def test_prestop_drains_then_stops_ray(tmp_path, head):
     env, log = _fake_ray(tmp_path)
-    args = [sys.executable, str(DEPLOY / "docker" / "prestop.py"), "--settle", "0", "--wait", "2"]
+    # --descendants-only: other Ray clusters on a shared machine must not count as this pod's.
+    args = [
+        sys.executable,
+        str(DEPLOY / "docker" / "prestop.py"),
+        "--settle",
+        "0",
+        "--wait",
+        "2",
+        "--descendants-only",
+    ]
     out = subprocess.run(
         args + (["--head"] if head else []), env=env, capture_output=True, text=True, timeout=60
     )
@@ -277,12 +286,13 @@ def test_prestop_waits_for_serve_processes_bounded(tmp_path):
     try:
         assert sleeper.pid in prestop.serve_processes()
         t0 = time.monotonic()
-        assert prestop.wait_until_gone(prestop.SERVE_PROCESSES, 0.5) is False  # bounded
+        mine = lambda prefixes: [p for p in prestop.serve_processes(prefixes) if p == sleeper.pid]  # noqa: E731
+        assert prestop.wait_until_gone(prestop.SERVE_PROCESSES, 0.5, mine) is False  # bounded
         assert time.monotonic() - t0 < 10
     finally:
         sleeper.kill()
         sleeper.wait(10)
-    assert prestop.wait_until_gone(prestop.SERVE_PROCESSES, 5) is True
+    assert prestop.wait_until_gone(prestop.SERVE_PROCESSES, 5, mine) is True
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
