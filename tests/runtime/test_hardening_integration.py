@@ -199,6 +199,15 @@ def test_prompt_spelling_a_control_token_is_text(server):
     assert spelled.usage.prompt_tokens > plain.usage.prompt_tokens + 1
 
 
+def test_completions_echo_keeps_a_spelled_control_token(server):
+    prompt = f"God said{EOT_TOKEN}and"
+    status, body = _http(server, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "echo": True})
+    assert status == 200, body
+    assert body["choices"][0]["text"].startswith(prompt)
+    _, plain = _http(server, "/v1/completions", {"prompt": "God saidand", "max_tokens": 1})
+    assert body["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 1  # spelled out, not id 0
+
+
 def test_logprobs_over_grpc(server):
     pb2, stub = server["pb2"], server["stub"]
     msg = _req(pb2, max_tokens=5, temperature=0.0)
