@@ -520,7 +520,14 @@ def drain_app(name: str, timeout_s: float) -> bool:
     from ray import serve
 
     try:
-        serve.get_app_handle(name).broadcast("__del__").results(timeout_s=timeout_s + 10.0)
+        handle = serve.get_app_handle(name)
+        # The driver has no running event loop, so the handle's router needs its own loop,
+        # whatever RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP says: LOCAL_ENV sets it to 0 for the
+        # replicas, and a driver started with it already 0 in its environment (exported by a
+        # shell, or inherited from a process that ran start_local) otherwise fails here at once
+        # and cuts every stream.
+        handle._init(_run_router_in_separate_loop=True)
+        handle.broadcast("__del__").results(timeout_s=timeout_s + 10.0)
     except Exception as e:  # noqa: BLE001 - a replica died meanwhile, a timeout: shut down anyway
         print(f"leanserve serve: drain incomplete ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
         return False
