@@ -537,12 +537,15 @@ def test_no_request_leaves_state_behind_whatever_way_it_ends(make_engine, arun):
                 await _every_ending(engine, r)
             gc.collect()
             tracemalloc.start()
-            before = tracemalloc.get_traced_memory()[0]
-            for r in range(10, 30):
-                await _every_ending(engine, r)
-                held.append(_held(engine))
-            gc.collect()
-            grown = tracemalloc.get_traced_memory()[0] - before
+            windows = []  # heap growth over rounds 10-19 and 20-29: a leak grows in both
+            for start in (10, 20):
+                before = tracemalloc.get_traced_memory()[0]
+                for r in range(start, start + 10):
+                    await _every_ending(engine, r)
+                    held.append(_held(engine))
+                gc.collect()
+                windows.append(tracemalloc.get_traced_memory()[0] - before)
+            grown = min(windows)
             tracemalloc.stop()
             return first, held, grown, engine.stats()
         finally:
@@ -555,7 +558,9 @@ def test_no_request_leaves_state_behind_whatever_way_it_ends(make_engine, arun):
     # 20 rounds x 10 requests: a leaked request (its state, stream, outputs) is kilobytes, so a
     # per-request leak shows as hundreds of KB. Measured without one: ~42 KB over the first 10
     # rounds (warm-up), ~15 KB over the next 30, ~4 KB over the 60 after: caches that fill, no trend.
-    assert grown < 64 * 1024, f"Python heap grew {grown} bytes over 200 requests"
+    # Each window is 100 requests; the smaller of the two must stay under 48 KB (a one-off
+    # cache filling during the suite shows in one window only, a leak in both).
+    assert grown < 48 * 1024, f"Python heap grew {grown} bytes over 100 requests in both windows"
 
 
 def _forward_threads(engine, delay_s: float = 0.0) -> list[tuple[str, str]]:
