@@ -135,44 +135,42 @@ def install_client_error_log_filter() -> None:
         serve_logger.addFilter(ClientErrorLogFilter())
 
 
+def _metadata_value(context: StatusContext | None, key: str) -> str | None:
+    """The first value of metadata `key` (gRPC lower-cases keys), or None when absent."""
+    if context is None:
+        return None
+    for k, value in context.invocation_metadata() or ():
+        if k == key:
+            return value if isinstance(value, str) else None
+    return None
+
+
 def timeout_ms_from_metadata(context: StatusContext | None) -> float | None:
     """The client's remaining time from `x-leanserve-timeout-ms`, or None (absent or invalid).
 
     Raises:
         InvalidRequestError: the value is not a positive number.
     """
-    if context is None:
+    value = _metadata_value(context, TIMEOUT_METADATA_KEY)
+    if value is None:
         return None
-    for key, value in context.invocation_metadata() or ():
-        if key == TIMEOUT_METADATA_KEY:
-            try:
-                ms = float(value)
-            except ValueError:
-                ms = float("nan")
-            if not ms > 0 or ms == float("inf"):
-                raise InvalidRequestError(TIMEOUT_METADATA_KEY, value, "must be a number of milliseconds > 0")
-            return ms
-    return None
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = float("nan")
+    if not ms > 0 or ms == float("inf"):
+        raise InvalidRequestError(TIMEOUT_METADATA_KEY, value, "must be a number of milliseconds > 0")
+    return ms
 
 
 def authorization_from_metadata(context: StatusContext | None) -> str | None:
-    """The `authorization` metadata value (gRPC lower-cases keys), or None."""
-    if context is None:
-        return None
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return value if isinstance(value, str) else None
-    return None
+    """The `authorization` metadata value, or None."""
+    return _metadata_value(context, "authorization")
 
 
 def client_from_metadata(context: StatusContext | None) -> str:
     """The caller's identity from `x-leanserve-client` ("" when absent; validated by the engine)."""
-    if context is None:
-        return ""
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_METADATA_KEY:
-            return value if isinstance(value, str) else ""
-    return ""
+    return _metadata_value(context, CLIENT_METADATA_KEY) or ""
 
 
 @dataclass(frozen=True)
