@@ -68,6 +68,9 @@ class _StubTokenizer:
     def token_to_id(self, token: str) -> int | None:
         return None
 
+    def get_vocab(self, with_added_tokens: bool = True) -> dict[str, int]:
+        return {}  # no text: the engine's prompt-size limit (max_prompt_chars) is then the context
+
     def encode(self, text: str) -> Any:
         raise ValueError("the engine benchmark submits token ids; a text prompt needs --model-dir")
 

@@ -208,9 +208,7 @@ def max_prompt_chars(config: ModelConfig, tokenizer: Tokenizer) -> int:
     text longer than `context_length` times that always tokenises to more
     than `context_length` tokens.
     """
-    get_vocab = getattr(tokenizer, "get_vocab", None)  # benchmarks pass a stand-in without one
-    vocab = get_vocab(with_added_tokens=True) if get_vocab is not None else {"x" * 64: 0}
-    longest = max((len(t) for t in vocab), default=1)
+    longest = max((len(t) for t in tokenizer.get_vocab(with_added_tokens=True)), default=1)
     return config.context_length * max(longest, 1)
 
 
