@@ -1018,7 +1018,7 @@ class Engine:
                 queue_s=None if seq.admitted_time is None else seq.admitted_time - arrival,
                 first_token_s=None if state.first_token_time is None else state.first_token_time - arrival,
                 total_s=now - arrival,
-                logprobs=logprobs if state.request.sampling.logprobs is not None else None,
+                logprobs=(logprobs or []) if state.request.sampling.logprobs is not None else None,
             )
         )
         if finished:

@@ -405,3 +405,28 @@ def test_long_prompts_are_refused_before_tokenising_and_tokenised_off_loop(make_
     _, ids, last = arun(scenario())
     assert len(ids) == 2 and last.prompt_tokens == len(engine.tokenizer.encode(PROMPT * 2).ids)
     assert len(threads) == 1 and threads[0] != threading.main_thread().name
+
+
+def test_every_delta_of_a_logprobs_request_carries_a_list_even_a_cancelled_ones_last(make_engine, arun):
+    """The final delta of a cancelled request has no token; its logprobs are [] (not None), so
+    merged outputs keep every token's entry."""
+    from runtime.grpc_servicer import merge_outputs
+
+    engine = make_engine()
+
+    async def scenario():
+        await engine.start()
+        try:
+            outs = []
+            async for out in engine.submit(req("c", max_tokens=30, logprobs=1)):
+                outs.append(out)
+                if len(outs) == 3:
+                    engine.cancel("c")
+            return outs
+        finally:
+            await engine.stop()
+
+    outs = arun(scenario())
+    assert outs[-1].finish_reason == "cancelled" and all(o.logprobs is not None for o in outs)
+    merged = merge_outputs(outs)
+    assert [lp.token_id for lp in merged.logprobs] == merged.token_ids
