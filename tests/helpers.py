@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,3 +93,35 @@ async def run_batched(engine, requests):
         return await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
     finally:
         await engine.stop()
+
+
+# --- a local Ray Serve with the app (integration modules) ---
+@contextlib.contextmanager
+def local_serve(
+    free_port: Callable[[], int],
+    app_args: dict[str, Any],
+    prefix: str,
+    num_cpus: int = 2,
+    system_config: dict[str, Any] | None = None,
+    timeout_s: float = 240,
+) -> Iterator[dict[str, int]]:
+    """Ray + Serve on free 127.0.0.1 ports with the app deployed; always shut down.
+
+    Yields:
+        The ports: {"grpc", "http", "metrics"}.
+    """
+    from runtime.serve_app import deploy
+    from runtime.serve_cli import start_local, stop_local
+
+    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+    temp = Path("/tmp") / f"{prefix}-{ports['grpc']}"  # short: Ray's socket paths have a length limit
+    try:
+        start_local(
+            ports["grpc"], ports["http"], ports["metrics"], num_cpus=num_cpus, temp_dir=str(temp),
+            system_config=system_config,
+        )  # fmt: skip
+        deploy(app_args, timeout_s=timeout_s)
+        yield ports
+    finally:
+        stop_local()
+        shutil.rmtree(temp, ignore_errors=True)

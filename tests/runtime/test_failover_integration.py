@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -50,6 +49,7 @@ from loadtest.fuzz import (
     summary_table,
 )
 from runtime.client import Client, build_request
+from tests.helpers import local_serve
 
 pytestmark = pytest.mark.integration
 
@@ -104,13 +104,8 @@ def _wait_replicas(n: int, timeout_s: float, exclude_pid: int | None = None) -> 
 def cluster(tiny_model_dir, free_port) -> Iterator[dict[str, Any]]:
     """Ray + Serve with the app at two replicas, once for this module; always shut down."""
     from runtime.serve_app import deploy
-    from runtime.serve_cli import start_local, stop_local
 
-    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
-    temp = Path("/tmp") / f"lsfo-{ports['grpc']}"  # short: Ray's socket paths have a length limit
-    try:
-        start_local(ports["grpc"], ports["http"], ports["metrics"], num_cpus=4, temp_dir=str(temp))
-        deploy(_args(tiny_model_dir, 2), timeout_s=300)
+    with local_serve(free_port, _args(tiny_model_dir, 2), "lsfo", num_cpus=4, timeout_s=300) as ports:
         _wait_replicas(2, 60)
         yield {
             **ports,
@@ -118,9 +113,6 @@ def cluster(tiny_model_dir, free_port) -> Iterator[dict[str, Any]]:
             "url": f"http://127.0.0.1:{ports['http']}",
             "scale": lambda n: (deploy(_args(tiny_model_dir, n), timeout_s=300), _wait_replicas(n, 120))[1],
         }
-    finally:
-        stop_local()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 # --- load with a record of every request --------------------------------------------------------

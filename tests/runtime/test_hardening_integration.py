@@ -8,13 +8,11 @@ ends by checking that the replica still serves.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +21,7 @@ import pytest
 from models.tokenizer import EOT_TOKEN
 from runtime.client import build_request
 from runtime.proto_build import load_stubs
+from tests.helpers import local_serve
 
 pytestmark = pytest.mark.integration
 
@@ -33,30 +32,18 @@ MAX_BATCH = 2
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, free_port) -> Iterator[dict[str, Any]]:
-    from runtime.serve_app import deploy
-    from runtime.serve_cli import start_local, stop_local
-
-    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
-    temp = Path("/tmp") / f"lsharden-{ports['grpc']}"
-    try:
-        start_local(ports["grpc"], ports["http"], ports["metrics"], num_cpus=2, temp_dir=str(temp))
-        deploy(
-            {
-                "model_dir": str(tiny_model_dir),
-                "threads": 1,
-                "api_key": KEY,
-                "engine": {"max_batch_size": MAX_BATCH, "max_waiting": 128, "fair_quantum": 16},
-                "deployment": {"max_ongoing_requests": 200},
-            },
-            timeout_s=240,
-        )
+    args = {
+        "model_dir": str(tiny_model_dir),
+        "threads": 1,
+        "api_key": KEY,
+        "engine": {"max_batch_size": MAX_BATCH, "max_waiting": 128, "fair_quantum": 16},
+        "deployment": {"max_ongoing_requests": 200},
+    }
+    with local_serve(free_port, args, "lsharden") as ports:
         pb2, pb2_grpc = load_stubs()
         channel = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
         yield {**ports, "pb2": pb2, "stub": pb2_grpc.TextGenerationStub(channel), "channel": channel}
         channel.close()
-    finally:
-        stop_local()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _req(pb2: Any, prompt: str = "God said", **kw: Any) -> Any:

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
 from runtime.client import Client, build_request
+from tests.helpers import local_serve
 
 pytestmark = pytest.mark.integration
 
@@ -50,32 +49,17 @@ def _http_json(url: str, timeout: float = 10.0) -> Any:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, free_port, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """Ray + Serve + the leanserve app, once for this module; always shut down."""
-    from runtime.serve_app import deploy
-    from runtime.serve_cli import start_local, stop_local
-
-    ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
-    temp = Path("/tmp") / f"lsray-{ports['grpc']}"  # short: Ray's socket paths have a length limit
-    try:
-        start_local(
-            ports["grpc"], ports["http"], ports["metrics"], num_cpus=2, temp_dir=str(temp),
-            system_config={"metrics_report_interval_ms": 1000},
-        )  # fmt: skip
-        deploy(
-            {
-                "model_dir": str(tiny_model_dir),
-                "threads": 1,
-                "engine": {"max_batch_size": MAX_BATCH, "max_waiting": MAX_WAITING},
-                # Let the whole burst reach the engine, whose bounded queue must reject the excess.
-                "deployment": {"max_ongoing_requests": 64, "health_check_period_s": 2},
-            },
-            timeout_s=240,
-        )
+    args = {
+        "model_dir": str(tiny_model_dir),
+        "threads": 1,
+        "engine": {"max_batch_size": MAX_BATCH, "max_waiting": MAX_WAITING},
+        # Let the whole burst reach the engine, whose bounded queue must reject the excess.
+        "deployment": {"max_ongoing_requests": 64, "health_check_period_s": 2},
+    }
+    with local_serve(free_port, args, "lsray", system_config={"metrics_report_interval_ms": 1000}) as ports:
         client = Client(f"127.0.0.1:{ports['grpc']}")
         yield {**ports, "client": client, "target": f"127.0.0.1:{ports['grpc']}"}
         client.close()
-    finally:
-        stop_local()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _req(client: Client, prompt: str = "God said", **kw: Any) -> Any:
