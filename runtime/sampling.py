@@ -209,30 +209,6 @@ def sample_rows(
     return out
 
 
-def sample(
-    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> list[int]:
-    """One token per row (`sample_rows` without adjustments; raises a row's error).
-
-    Args:
-        logits: (B, V) last-position logits.
-        params: B sampling parameters, one per row.
-        generators: B generators (None allowed for greedy rows).
-
-    Returns:
-        B sampled token ids.
-
-    Raises:
-        NonFiniteLogitsError: a row's logits are not finite.
-    """
-    tokens = []
-    for draw in sample_rows(logits, params, generators):
-        if isinstance(draw, BaseException):
-            raise draw
-        tokens.append(draw.token)
-    return tokens
-
-
 class TextStream:
     """Incremental detokenisation plus stop-string handling for one request."""
 

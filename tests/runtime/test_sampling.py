@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.sampling import TextStream, filter_logits, make_generator, sample
+from runtime.sampling import TextStream, filter_logits, make_generator, sample_rows
 from runtime.types import SamplingParams
+
+
+def sample(logits, params, generators) -> list[int]:
+    """The tokens `sample_rows` draws (no logit adjustments); a row's error is raised."""
+    draws = sample_rows(logits, params, generators)
+    for d in draws:
+        if isinstance(d, BaseException):
+            raise d
+    return [d.token for d in draws]
 
 
 def test_greedy_is_argmax_per_row():
