@@ -93,7 +93,8 @@ class ServeArgs:
         deployment: Ray deployment options (`DEPLOYMENT_OPTIONS`).
         api_key: when set, every generation call must present it (HTTP
             `Authorization: Bearer KEY`, gRPC metadata `authorization: Bearer KEY`);
-            health, metrics and model-info probes are exempt. None falls back
+            the health probes (`/healthz`, `grpc.health.v1.Health`) and Ray's
+            metrics port are exempt, `GetModelInfo` and `/stats` are not. None falls back
             to the environment variable `LEANSERVE_API_KEY` of the replica
             (how the Kubernetes manifests pass it from a Secret); "" = no key.
     """
@@ -193,7 +194,7 @@ async def _require_api_key(request: Request, call_next: Any) -> Any:
         status, payload = openai_http.error_body(
             UnauthenticatedError("missing or wrong API key: send 'Authorization: Bearer <key>'")
         )
-        return JSONResponse(payload, status_code=status, headers={"WWW-Authenticate": "Bearer"})
+        return _openai_response(status, payload, {"WWW-Authenticate": "Bearer"})
     return await call_next(request)
 
 
