@@ -40,7 +40,11 @@ def _names_or_keyword(text: str) -> list[str] | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `leanserve loadtest` flags."""
     p.add_argument("--target", default="127.0.0.1:9000", help="gRPC HOST:PORT (default 127.0.0.1:9000)")
-    p.add_argument("--http", metavar="URL", help="drive the OpenAI route at URL (e.g. http://127.0.0.1:8000)")
+    p.add_argument(
+        "--http",
+        metavar="URL",
+        help="drive the OpenAI route at URL, e.g. http://127.0.0.1:8000 (default: gRPC --target)",
+    )
     p.add_argument(
         "--mode",
         choices=("open", "closed"),
@@ -94,7 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="fixed step counts the step load compares: '4,6,12' or 'all' (default)",
     )
-    p.add_argument("--stats-url", help="the server's /stats (e.g. http://127.0.0.1:8000/stats), polled")
+    p.add_argument(
+        "--stats-url",
+        help="the server's /stats, e.g. http://127.0.0.1:8000/stats, polled (default: not polled)",
+    )
+    from loadtest.budget import add_arguments as add_budget_arguments  # standard library only
+
+    add_budget_arguments(p)
     p.add_argument("--requests", type=int, default=50, help="most requests per point (default 50)")
     p.add_argument("--duration", type=float, default=30.0, help="send window per point, seconds (default 30)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
@@ -117,8 +127,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send every gRPC request once (default: retry UNAVAILABLE before the first message)",
     )
-    p.add_argument("--model-dir", help="model directory: profile.json (perplexity, cost model), config.json")
-    p.add_argument("--profile", help="profile.json to use instead of --model-dir's")
+    p.add_argument(
+        "--model-dir",
+        help="model directory whose profile.json (perplexity, cost model) and config.json fill the ppl and "
+        "predicted E2E columns (default: none, those columns stay blank)",
+    )
+    p.add_argument("--profile", help="profile.json to use instead of --model-dir's (default: --model-dir's)")
     p.add_argument("--out", default="runs/loadtest", help="report folder (default runs/loadtest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -162,6 +176,10 @@ def config_from_args(args: Any) -> Any:
 
 def main(args: Any) -> int:
     """`leanserve loadtest`: run the sweep, write the reports, print the summary."""
+    if getattr(args, "budget_sweep", False):
+        from loadtest.budget import main as budget_main
+
+        return budget_main(args)
     import grpc
 
     from loadtest.report import markdown, write_report

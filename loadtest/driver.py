@@ -9,7 +9,10 @@ client or the server falls behind, the wait is in the numbers.
 Measured per request (seconds, relative to the run's start `t0`):
 
 * TTFT = first message carrying text or token ids - scheduled time;
-* ITL  = gaps between consecutive token-carrying messages (one per stream delta);
+* ITL  = gaps between consecutive token-carrying messages (one per stream delta), each stamped
+  when it reached the client: gRPC messages as the stream yields them, HTTP server-sent events
+  when the bytes holding them arrived (events that arrive in one read share a time, so a
+  server that bunches events shows gaps of 0, as a client reading the stream sees them);
 * E2E  = last message (or the error) - scheduled time.
 
 Both transports use a single event loop and one connection: `GrpcTransport`
@@ -253,31 +256,25 @@ class HttpTransport:
                     result.detail = text[:500]
                     result.end_s = now()
                     return
-                async for raw in resp.content:
-                    line = raw.decode("utf-8").strip()
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:  # an error after the stream started (status already 200)
-                        result.code = str(chunk["error"].get("code", "unknown")).upper()
-                        result.detail = str(chunk["error"].get("message", ""))
-                        break
+                events = SSEEvents()
+                done = False
+                # iter_any: each chunk as soon as it arrives, stamped then; a buffered line reader
+                # would stamp events that arrived together at the moments the loop got to them.
+                async for data in resp.content.iter_any():
                     t = now()
-                    if chunk["choices"][0].get("text"):
-                        if result.first_token_s is None:
-                            result.first_token_s = t
-                        result.token_times.append(t)
-                    usage = chunk.get("usage")
-                    if usage:
-                        result.tokens = usage["completion_tokens"]
-                        result.prompt_tokens = usage["prompt_tokens"]
-                    info = chunk.get("leanserve") or {}
-                    result.steps = info.get("steps", result.steps)
-                    result.experts = info.get("experts", result.experts)
-                    result.policy_reason = info.get("policy_reason", result.policy_reason)
+                    for payload in events.feed(data):
+                        if payload == "[DONE]":
+                            done = True
+                            break
+                        chunk = json.loads(payload)
+                        if "error" in chunk:  # an error after the stream started (status already 200)
+                            result.code = str(chunk["error"].get("code", "unknown")).upper()
+                            result.detail = str(chunk["error"].get("message", ""))
+                            done = True
+                            break
+                        _record_chunk(result, chunk, t)
+                    if done:
+                        break
             if not result.tokens:
                 result.tokens = len(result.token_times)
         except asyncio.TimeoutError:
@@ -285,6 +282,46 @@ class HttpTransport:
         except OSError as e:  # aiohttp.ClientError subclasses OSError for connection failures
             result.code, result.detail = f"HTTP_{type(e).__name__}", str(e)
         result.end_s = now()
+
+
+class SSEEvents:
+    """Incremental server-sent-events parser: bytes in (as they arrive), `data:` payloads out.
+
+    Events end with a blank line; a chunk may hold several events or part of one, so the parser
+    keeps the unfinished rest for the next chunk. Only `data:` fields are returned (one event's
+    several data lines joined with newlines, as the SSE spec says); comments and other fields
+    are skipped.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        """The payloads of the events this chunk completes."""
+        self._buffer += data.replace(b"\r\n", b"\n")
+        *complete, self._buffer = self._buffer.split(b"\n\n")
+        payloads = []
+        for event in complete:
+            lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if lines:
+                payloads.append(b"\n".join(lines).decode("utf-8").strip())
+        return payloads
+
+
+def _record_chunk(result: RequestResult, chunk: dict[str, Any], t: float) -> None:
+    """One completions stream chunk, arrived at `t`: token time, usage and compute."""
+    if chunk["choices"][0].get("text"):
+        if result.first_token_s is None:
+            result.first_token_s = t
+        result.token_times.append(t)
+    usage = chunk.get("usage")
+    if usage:
+        result.tokens = usage["completion_tokens"]
+        result.prompt_tokens = usage["prompt_tokens"]
+    info = chunk.get("leanserve") or {}
+    result.steps = info.get("steps", result.steps)
+    result.experts = info.get("experts", result.experts)
+    result.policy_reason = info.get("policy_reason", result.policy_reason)
 
 
 def _http_error_code(text: str, status: int) -> str:

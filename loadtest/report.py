@@ -4,14 +4,15 @@ Files written into the output folder:
 
 * `points.json`: everything (model info, config, points with the overload time series);
 * `points.csv`: one row per point (no time series);
-* `overload_timeseries.csv`: per request of the overload points;
-* `latency_vs_steps.png`, `throughput_vs_steps.png`, `latency_vs_quality.png`,
+* `latency_vs_steps.png`, `throughput_vs_steps.png`, `latency_vs_quality.png`;
+* with `--overload` only: `overload_timeseries.csv` (per request of the overload points) and
   `overload_timeseries.png`;
-* `step_load.csv`, `step_load.png`: the step-load scenario per policy and phase (`loadtest.stepload`);
-* `summary.md`: the tables, ready to paste into the README.
+* with `--step-load` only: `step_load.csv`, `step_load.png` (per policy and phase, `loadtest.stepload`);
+* `summary.md`: the tables, ready to paste into the README, with a note for every column left
+  blank and why.
 
-A plot whose data is missing (e.g. no profile, so no perplexity) is still
-written, with a note in place of the curves, so the set of files is fixed.
+`files_for(report)` lists what a report writes. The three plots are always written; one whose
+data is missing (e.g. no profile, so no perplexity) says so in place of the curves.
 """
 
 from __future__ import annotations
@@ -25,18 +26,29 @@ from typing import Any
 from loadtest import stepload
 from loadtest.sweep import PointResult, SweepReport
 
-FILES = (
+BASE_FILES = (
     "points.json",
     "points.csv",
-    "overload_timeseries.csv",
     "latency_vs_steps.png",
     "throughput_vs_steps.png",
     "latency_vs_quality.png",
-    "overload_timeseries.png",
-    "step_load.csv",
-    "step_load.png",
     "summary.md",
 )
+OVERLOAD_FILES = ("overload_timeseries.csv", "overload_timeseries.png")
+STEP_LOAD_FILES = ("step_load.csv", "step_load.png")
+FILES = BASE_FILES + OVERLOAD_FILES + STEP_LOAD_FILES  # every file a report may write
+
+
+def files_for(report: SweepReport) -> tuple[str, ...]:
+    """The files `write_report` writes for `report`: the scenario files only for a scenario that ran."""
+    files = BASE_FILES
+    if any(p.group == "overload" for p in report.points):
+        files += OVERLOAD_FILES
+    if report.step_load is not None:
+        files += STEP_LOAD_FILES
+    return files
+
+
 _CSV_FIELDS = [f.name for f in fields(PointResult) if f.name != "series"]
 
 
@@ -77,7 +89,7 @@ def _no_data(ax: Any, text: str) -> None:
 
 
 def plot_all(report: SweepReport, out: Path) -> None:
-    """The four PNGs."""
+    """The three PNGs, and the overload one when the report has overload points."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
@@ -108,20 +120,23 @@ def plot_all(report: SweepReport, out: Path) -> None:
     fig.savefig(out / "latency_vs_steps.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Requests/s and tokens/s differ by a factor of max_tokens: one panel (own y axis, own legend) each.
+    fig, (ax_req, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
     if xs:
-        ax.plot(xs, [p.throughput_rps for p in steps], "o-", label="requests/s")
-        ax.plot(xs, [p.goodput_rps for p in steps], "s--", label="goodput requests/s")
-        ax2 = ax.twinx()
-        ax2.plot(xs, [p.tokens_per_s for p in steps], "^:", color="tab:green", label="tokens/s")
-        ax2.set_ylabel("tokens/s")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="upper right", fontsize=8)
+        ax_req.plot(xs, [p.throughput_rps for p in steps], "o-", label="requests/s")
+        ax_req.plot(xs, [p.goodput_rps for p in steps], "s--", label="goodput requests/s (within the SLO)")
+        ax_req.legend(fontsize=8)
+        ax_tok.plot(xs, [p.tokens_per_s for p in steps], "^-", color="tab:green", label="output tokens/s")
+        ax_tok.legend(fontsize=8)
     else:
-        _no_data(ax, "no steps points")
-    ax.set_xlabel("ODE steps per token")
-    ax.set_ylabel("requests/s")
-    ax.set_title(f"{name}: throughput vs steps")
+        _no_data(ax_req, "no steps points")
+        _no_data(ax_tok, "no steps points")
+    for ax, unit in ((ax_req, "requests/s"), (ax_tok, "tokens/s")):
+        ax.set_xlabel("ODE steps per token")
+        ax.set_ylabel(unit)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{name}: throughput vs steps")
     fig.tight_layout()
     fig.savefig(out / "throughput_vs_steps.png", dpi=100)
     plt.close(fig)
@@ -132,6 +147,8 @@ def plot_all(report: SweepReport, out: Path) -> None:
     if qual:
         for group, marker in (("steps", "o"), ("experts", "s"), ("tier", "*")):
             pts = [p for p in qual if p.group == group]
+            if not pts:  # a legend entry without points says nothing
+                continue
             ax.scatter([p.e2e_p99_ms for p in pts], [p.perplexity for p in pts], marker=marker, label=group)
             for p in pts:
                 ax.annotate(p.label, (p.e2e_p99_ms, p.perplexity), fontsize=7)
@@ -155,25 +172,72 @@ def plot_all(report: SweepReport, out: Path) -> None:
     plt.close(fig)
 
     over = [p for p in report.points if p.group == "overload"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     if over:
-        for p in over:
-            ok = [r for r in p.series if r["code"] == "OK"]
-            ax1.plot([r["scheduled_s"] for r in ok], [r["e2e_ms"] for r in ok], ".", ms=4, label=p.label)
-            ax2.plot([r["scheduled_s"] for r in ok], [r["steps"] for r in ok], ".-", ms=3, label=p.label)
-        ax1.set_yscale("log")
-        ax1.legend(fontsize=8)
-        ax2.legend(fontsize=8)
-    else:
-        _no_data(ax1, "no overload scenario (--overload)")
+        plot_overload(report, over, out / "overload_timeseries.png")
+
+
+def plot_overload(report: SweepReport, over: list[PointResult], path: Path) -> None:
+    """E2E latency and the steps chosen per request, over the overload run, per policy."""
+    import matplotlib.pyplot as plt
+
+    name = report.model.get("name", "?")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for p in over:
+        ok = [r for r in p.series if r["code"] == "OK"]
+        ax1.plot([r["scheduled_s"] for r in ok], [r["e2e_ms"] for r in ok], ".", ms=4, label=p.label)
+        ax2.plot([r["scheduled_s"] for r in ok], [r["steps"] for r in ok], ".-", ms=3, label=p.label)
+    ax1.set_yscale("log")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
     rate = report.overload_rate
     ax1.set_title(f"{name}: overload at {rate:.2f} req/s" if rate else f"{name}: overload")
     ax1.set_ylabel("E2E latency (ms)")
     ax2.set_ylabel("steps chosen")
     ax2.set_xlabel("scheduled send time (s)")
     fig.tight_layout()
-    fig.savefig(out / "overload_timeseries.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def blank_column_notes(report: SweepReport) -> list[str]:
+    """Why a column of the summary table is blank ("-"), for every column that is."""
+    points = [p for p in report.points if p.ok]
+    notes = []
+    source = "the OpenAI HTTP route" if report.config.get("http_url") else "gRPC"
+    profile_given = report.config.get("model_dir") or report.config.get("profile_path")
+    if points and all(p.perplexity is None for p in points):
+        why = (
+            "the given profile has no setting these points ran at"
+            if profile_given
+            else "no --model-dir or --profile was given"
+        )
+        notes.append(
+            f"ppl is blank: perplexity comes from the model's profile.json (measured by `leanserve eval`), "
+            f"which the load tester reads from --model-dir or --profile, never from the server ({source} "
+            f"reports the steps it ran, not their quality); {why}."
+        )
+    if points and all(p.predicted_e2e_ms is None for p in points):
+        notes.append(
+            "predicted E2E is blank: it is the cost model of profile.json (`cost_model`) applied with the "
+            "model's config.json, so it needs --model-dir (a --profile alone has no config.json) and a "
+            "profile with a cost model."
+        )
+    if points and all(p.itl_p50_ms is None for p in points):
+        notes.append(
+            "ITL is blank: every request produced at most one token-carrying message (max_tokens 1?)."
+        )
+    return notes
+
+
+COST_MODEL_NOTE = (
+    "The predicted E2E is the offline cost model of profile.json: decode iterations fitted at batch "
+    "1-16 on the eval machine, prefill extrapolated from them, at the batch Little's law gives the "
+    "point. It leaves out queueing behind other requests' prefills, the engine's scheduling and "
+    "sampling, and the Ray proxy and transport hops, so it tends to read below the measured mean, "
+    "the more so the busier the server (R^2 compares the two across points); the server's own "
+    "predictor (runtime/predictor.py, "
+    "`leanserve loadtest --budget-sweep`) adds those measured terms."
+)
 
 
 def markdown(report: SweepReport) -> str:
@@ -221,7 +285,8 @@ def markdown(report: SweepReport) -> str:
         lines += ["", "![overload](overload_timeseries.png)"]
     lines += [
         "",
-        f"Cost model vs measured mean E2E (steps/experts/tier points): R^2 = {_fmt(report.cost_r2, 3)}",
+        f"Cost model vs measured mean E2E (steps/experts/tier points): R^2 = {_fmt(report.cost_r2, 3)}. "
+        + COST_MODEL_NOTE,
         "",
         "![latency vs steps](latency_vs_steps.png) ![throughput](throughput_vs_steps.png) "
         "![latency vs quality](latency_vs_quality.png)",
@@ -230,23 +295,33 @@ def markdown(report: SweepReport) -> str:
     if examples:
         lines += ["", "Errors (one message per code):", ""] + [f"- {c}: {m}" for c, m in sorted(examples)]
     lines += [""] + stepload.markdown(report.step_load) if report.step_load is not None else []
-    if report.notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in report.notes]
+    notes = blank_column_notes(report) + list(report.notes)
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: SweepReport, out_dir: str | Path) -> list[Path]:
-    """Write every file of `FILES` into `out_dir` (created); returns their paths."""
+    """Write `files_for(report)` into `out_dir` (created); returns their paths.
+
+    A scenario's files left in `out_dir` by an earlier run are removed when this report has no
+    such scenario, so the folder never mixes runs.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    files = files_for(report)
+    for stale in set(FILES) - set(files):
+        (out / stale).unlink(missing_ok=True)
     (out / "points.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     write_csv(report, out / "points.csv")
-    write_timeseries_csv(report, out / "overload_timeseries.csv")
+    if "overload_timeseries.csv" in files:
+        write_timeseries_csv(report, out / "overload_timeseries.csv")
     plot_all(report, out)
-    with (out / "step_load.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=stepload.CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(stepload.csv_rows(report.step_load))
-    stepload.plot(report.step_load, out / "step_load.png", report.model.get("name", "?"))
+    if report.step_load is not None:
+        with (out / "step_load.csv").open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=stepload.CSV_COLUMNS)
+            w.writeheader()
+            w.writerows(stepload.csv_rows(report.step_load))
+        stepload.plot(report.step_load, out / "step_load.png", report.model.get("name", "?"))
     (out / "summary.md").write_text(markdown(report), encoding="utf-8")
-    return [out / f for f in FILES]
+    return [out / f for f in files]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import struct
 import tempfile
@@ -88,8 +89,17 @@ def _require(path: Path) -> Path:
     return path
 
 
+# config.json `model_type` values of Hugging Face directories this project loads (models/hf_ouro.py);
+# a LeanLM config.json has no model_type.
+HF_MODEL_TYPES = ("ouro",)
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
-    """Read and validate `config.json` of a model directory."""
+    """Read and validate `config.json` of a model directory.
+
+    A LeanLM config, or a Hugging Face one whose `model_type` is in
+    `HF_MODEL_TYPES` (an `OuroConfig`, models/hf_ouro.py).
+    """
     path = _require(Path(model_dir) / CONFIG_FILE)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -97,12 +107,33 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    if "model_type" in data:
+        return _hf_config(Path(model_dir), path, data)
     try:
         return ModelConfig.from_dict(data)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from e
     except TypeError as e:  # an unknown key: the dataclass constructor names it
         raise CheckpointError(f"{path}: {e}") from e
+
+
+def _hf_config(model_dir: Path, path: Path, data: dict[str, Any]) -> ModelConfig:
+    """The config of a Hugging Face directory, by its `model_type` (named when unsupported)."""
+    kind = data["model_type"]
+    if kind not in HF_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path}: model_type={kind!r} is not supported: leanserve loads its own model directories "
+            f"(no model_type) and Hugging Face directories of model_type "
+            f"{', '.join(map(repr, HF_MODEL_TYPES))}"
+        )
+    from models.hf_ouro import config_from_hf
+
+    return config_from_hf(data, path, model_dir.resolve().name)
+
+
+def is_hf_config(config: ModelConfig) -> bool:
+    """The config came from a Hugging Face directory (loaded by models/hf_ouro.py, not as a LeanLM)."""
+    return config.extra.get("source") == "huggingface"
 
 
 # --- expected tensors, without weights -------------------------------------------------------------
@@ -295,17 +326,43 @@ def load_state(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> LeanLM:
-    """Build a LeanLM from a model directory, in eval mode."""
+    """Build a LeanLM from a model directory, in eval mode (an `OuroLM` from a Hugging Face Ouro
+    directory: the same `forward` and trunk loop, models/ouro.py)."""
     from models.model import LeanLM
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
     config = load_config(model_dir)
+    if is_hf_config(config):
+        from models.hf_ouro import load_ouro
+
+        return load_ouro(model_dir, device)  # type: ignore[return-value]  # an OuroLM: same forward
     model = LeanLM(config)
     state = load_state(model_dir / WEIGHTS_FILE, model.state_dict())
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def generation_stop_ids(model_dir: str | Path, vocab_size: int) -> tuple[int, ...]:
+    """The end-of-sequence ids of a Hugging Face `generation_config.json` (`eos_token_id`: an
+    id or a list of ids), () when the file or the field is absent.
+
+    Raises:
+        CheckpointError: a value that is not a token id of this vocabulary (named).
+    """
+    data = read_json(model_dir, "generation_config.json") or {}
+    value = data.get("eos_token_id")
+    if value is None:
+        return ()
+    ids = value if isinstance(value, list) else [value]
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size:
+            raise CheckpointError(
+                f"{Path(model_dir) / 'generation_config.json'}: eos_token_id={value!r}: "
+                f"must be a token id in [0, {vocab_size}) or a list of them"
+            )
+    return tuple(dict.fromkeys(ids))
 
 
 def read_json(model_dir: str | Path, name: str) -> dict[str, Any] | None:
@@ -396,6 +453,14 @@ def check_model_dir(model_dir: str | Path, require_onnx: bool = False) -> ModelC
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory not found")
     config = load_config(model_dir)
+    if is_hf_config(config):
+        from models.hf_ouro import check_ouro_dir
+
+        if require_onnx:
+            raise CheckpointError(
+                f"{model_dir}: a Hugging Face Ouro directory is served by backend=torch (no ONNX export)"
+            )
+        return check_ouro_dir(model_dir)
     found = read_safetensors_header(model_dir / WEIGHTS_FILE)
     check_tokenizer(model_dir, config)
     for name in (PROFILE_FILE, COST_FILE):
@@ -407,6 +472,19 @@ def check_model_dir(model_dir: str | Path, require_onnx: bool = False) -> ModelC
     if require_onnx or (model_dir / ONNX_DIR).exists():
         check_onnx(model_dir, config)
     return config
+
+
+def _make_temp_dir(model_dir: Path) -> Path:
+    """A fresh hidden sibling of `model_dir`, made with os.mkdir's mode (0777 less the umask),
+    not tempfile.mkdtemp's 0700, so the renamed directory is as readable as any other."""
+    for _ in range(100):
+        path = model_dir.parent / f".{model_dir.name}.{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{model_dir.parent}: no free temporary name for saving {model_dir.name}")
 
 
 def save_model(
@@ -433,12 +511,14 @@ def save_model(
 
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    tmp = _make_temp_dir(model_dir)
     try:
         written = {CONFIG_FILE, WEIGHTS_FILE}
         (tmp / CONFIG_FILE).write_text(model.config.to_json() + "\n", encoding="utf-8")
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # safetensors creates its file 0600; give it the mode a plain write got (0666 less the umask).
+        os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
         if tokenizer_json is not None:
             (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
             written.add(TOKENIZER_FILE)

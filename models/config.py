@@ -65,6 +65,32 @@ def _positive(name: str, value: Any) -> None:
         raise ConfigError(name, value, "must be a number > 0")
 
 
+@dataclass(frozen=True)
+class ExpertSetting:
+    """A model's per-request conditional-compute setting: MoE top-k or tree depth.
+
+    The only definition of the setting's name and range (`ModelConfig.expert_setting`);
+    validation, the policy, the API's model description and the executors read it.
+
+    Attributes:
+        name: the request field ("experts_top_k" or "expert_depth").
+        lo, hi: the allowed values, inclusive; `hi` is the trained setting.
+    """
+
+    name: str
+    lo: int
+    hi: int
+
+    @property
+    def default(self) -> int:
+        """What a request that names no setting runs with: the trained maximum."""
+        return self.hi
+
+    @property
+    def values(self) -> list[int]:
+        return list(range(self.lo, self.hi + 1))
+
+
 @dataclass
 class ModelConfig:
     """Architecture and parameterisation of one model.
@@ -215,6 +241,15 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @property
+    def kv_heads_per_step(self) -> int:
+        """Key/value heads one token caches at one step (the KV page's head axis).
+
+        One attention per step here; a model whose step is a stack of layers
+        with grouped-query attention (models/ouro.py) caches layers x kv heads.
+        """
+        return self.n_heads
+
+    @property
     def n_blocks(self) -> int:
         """Number of distinct blocks (weight sets) in the trunk."""
         return self.n_layers if self.trunk == "stack" else self.n_shared_blocks
@@ -257,18 +292,25 @@ class ModelConfig:
         return 1.0 / self.width_mult
 
     @property
-    def expert_options(self) -> dict[str, list[int]]:
-        """What a request may choose per row: top_k for MoE, depth for the tree."""
+    def expert_setting(self) -> ExpertSetting | None:
+        """The per-request conditional-compute setting (the one definition), None when dense."""
         if self.ffn == "moe":
-            return {"experts_top_k": list(range(1, self.experts_top_k + 1))}
+            return ExpertSetting("experts_top_k", 1, self.experts_top_k)
         if self.ffn == "tree":
-            return {"expert_depth": list(range(0, self.tree_depth + 1))}
-        return {}
+            return ExpertSetting("expert_depth", 0, self.tree_depth)
+        return None
+
+    @property
+    def expert_options(self) -> dict[str, list[int]]:
+        """What a request may choose per row: {setting name: allowed values}, {} when dense."""
+        e = self.expert_setting
+        return {} if e is None else {e.name: e.values}
 
     @property
     def max_expert_setting(self) -> int | None:
-        """The trained (maximum) expert setting: top_k for MoE, depth for the tree, None when dense."""
-        return {"moe": self.experts_top_k, "tree": self.tree_depth}.get(self.ffn)
+        """The trained (maximum) expert setting, which a request without one gets; None when dense."""
+        e = self.expert_setting
+        return None if e is None else e.default
 
     @property
     def n_expert_slots(self) -> int:

@@ -10,7 +10,13 @@ batch). This module counts both analytically from a `ModelConfig` and fits
     seconds = a * bytes + b * flops + c          (a, b >= 0)
 
 to measured decode iterations, so the runtime can turn a latency budget into
-a step count (`CostModel.max_steps_within`).
+a step count (`CostModel.max_steps_within`; the serving runtime's load-aware
+predictor, runtime/predictor.py, builds on `CostModel.predict_decode_seconds`).
+
+Three modules: parameter counts (models/cost_params.py), the analytic FLOP
+and byte counts and the evaluation of a calibrated `CostModel` (here), and
+the calibration that fits one (models/cost_fit.py). Every public name of the
+three is importable from here.
 
 Conventions used throughout:
 
@@ -33,13 +39,18 @@ Pure Python and numpy; never imports runtime, ray or grpc.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from models.config import ModelConfig
+from models.cost_params import (
+    _attention_params,
+    _norm_params,
+    _norms_per_block,
+    _scalar_params,
+    block_param_counts,
+    param_counts,
+)
 
 # Activation traffic per row per step, in d-sized vectors read or written:
 # attention norm in/out (2), q/k/v written (3), attention output (1), and the
@@ -82,122 +93,6 @@ class Cost:
 
 
 ZERO = Cost(0.0, 0.0)
-
-
-# ----------------------------------------------------------------------------
-# Parameter counts
-# ----------------------------------------------------------------------------
-def _norm_params(kind: str, d: int) -> int:
-    """Weights of one norm layer: layernorm weight+bias, rmsnorm weight, none nothing."""
-    return {"layernorm": 2 * d, "rmsnorm": d, "none": 0}[kind]
-
-
-def _attention_params(config: ModelConfig, index: int) -> int:
-    d = config.d_model
-    if config.block in ("prenorm", "parallel"):
-        return 4 * d * d  # W_Q, W_K, W_V, W_O
-    # SAS / SAS-P: values and projection are identity; only the first block
-    # keeps a trainable value matrix (He & Hofmann, App. C).
-    return 2 * d * d + (d * d if index == 0 else 0)
-
-
-def _norms_per_block(config: ModelConfig) -> int:
-    # Sequential blocks normalise the attention and the FFN inputs separately;
-    # parallel blocks feed one normalised input to both branches.
-    return 2 if config.block in ("prenorm", "sas") else 1
-
-
-def _scalar_params(config: ModelConfig) -> int:
-    if config.block in ("sas", "sasp"):
-        # Per-head shaped-attention alpha, beta, gamma, plus the block gains beta_SA, beta_FF.
-        return 3 * config.n_heads + 2
-    return 0
-
-
-def _ffn_params(config: ModelConfig) -> int:
-    d, f = config.d_model, config.d_ff
-    if config.ffn == "dense":
-        return 2 * d * f
-    if config.ffn == "moe":
-        return d * config.n_experts + config.n_experts * 2 * d * f
-    depth = config.tree_depth
-    return d * depth + (2 ** (depth + 1) - 1) * 2 * d * f
-
-
-def block_param_counts(config: ModelConfig, index: int) -> dict[str, int]:
-    """Parameter counts of distinct block `index` (0-based), by component.
-
-    See `param_counts` for the assumptions.
-
-    Args:
-        config: the model configuration.
-        index: block index in `[0, config.n_blocks)`.
-
-    Returns:
-        `{"attention", "ffn", "norm", "scalars", "total"}` (parameter counts).
-    """
-    if not 0 <= index < config.n_blocks:
-        raise ValueError(f"block index={index} must lie in [0, n_blocks={config.n_blocks})")
-    counts = {
-        "attention": _attention_params(config, index),
-        "ffn": _ffn_params(config),
-        "norm": _norms_per_block(config) * _norm_params(config.norm, config.d_model),
-        "scalars": _scalar_params(config),
-    }
-    counts["total"] = sum(counts.values())
-    return counts
-
-
-def param_counts(config: ModelConfig) -> dict[str, int]:
-    """Exact analytic parameter counts, per component.
-
-    Assumptions the model must match (d = d_model, F = d_ff, V = vocab_size):
-
-    * No linear layer anywhere has a bias (projections, FFN, MoE router,
-      tree gating, output head).
-    * Norms: "layernorm" = weight + bias (2d), "rmsnorm" = weight (d),
-      "none" = no weights. "prenorm" and "sas" blocks have two norms
-      (attention input, FFN input); "parallel" and "sasp" blocks have one,
-      shared by both branches.
-    * Attention: "prenorm"/"parallel" have Q, K, V, O (4d^2). "sas"/"sasp"
-      have Q, K (2d^2); block 0 also has a value matrix (+d^2, the delta
-      weight; any fixed identity part is a buffer, not a parameter).
-    * Scalars: "sas"/"sasp" blocks have per-head alpha, beta, gamma
-      (3 * n_heads) plus the gains beta_SA and beta_FF (2); other blocks none.
-    * FFN: "dense" up d x F and down F x d (2dF); "moe" router d x E plus E
-      experts of 2dF; "tree" gating d x D plus 2**(D+1)-1 nodes of 2dF.
-    * Embedding V x d; learned positions context_length x d; a separate
-      head V x d only when `tie_embeddings` is false (else 0).
-    * Final norm always exists: the block norm kind, or rmsnorm (d) when
-      `norm == "none"`.
-
-    Args:
-        config: the model configuration.
-
-    Returns:
-        Counts (parameters, not bytes) under the keys "embedding",
-        "positions", "head", "final_norm", "attention", "ffn", "norm",
-        "scalars" (these four summed over the `n_blocks` distinct blocks),
-        "block_first" (block 0), "block_rest" (each other block; 0 if there
-        is only one), "trunk" (all blocks) and "total".
-    """
-    d = config.d_model
-    blocks = [block_param_counts(config, i) for i in range(config.n_blocks)]
-    counts = {
-        "embedding": config.vocab_size * d,
-        "positions": config.context_length * d,
-        "head": 0 if config.tie_embeddings else config.vocab_size * d,
-        "final_norm": _norm_params(config.norm if config.norm != "none" else "rmsnorm", d),
-    }
-    for key in ("attention", "ffn", "norm", "scalars"):
-        counts[key] = sum(b[key] for b in blocks)
-    counts["block_first"] = blocks[0]["total"]
-    counts["block_rest"] = blocks[1]["total"] if len(blocks) > 1 else 0
-    counts["trunk"] = sum(b["total"] for b in blocks)
-    counts["total"] = (
-        counts["embedding"] + counts["positions"] + counts["head"] + counts["final_norm"] + counts["trunk"]
-    )
-    return counts
 
 
 # ----------------------------------------------------------------------------
@@ -529,64 +424,8 @@ def request_cost(
 
 
 # ----------------------------------------------------------------------------
-# Calibration
+# Evaluation of the calibrated model
 # ----------------------------------------------------------------------------
-@dataclass
-class CostSample:
-    """One measured decode iteration.
-
-    Attributes:
-        steps: trunk steps every row ran.
-        batch: rows in the iteration.
-        context: tokens cached per row before the iteration.
-        experts: top-k / truncation depth used (None = the config's maximum).
-        seconds: measured wall-clock time of the iteration.
-    """
-
-    steps: int
-    batch: int
-    context: int
-    experts: int | None
-    seconds: float
-
-
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    ss_res = float(np.sum((y - pred) ** 2))
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    if ss_tot == 0.0:
-        # Constant targets: a perfect fit explains everything, anything else nothing.
-        return 1.0 if ss_res <= 1e-30 else 0.0
-    return 1.0 - ss_res / ss_tot
-
-
-def _fit_nonneg(features: dict[str, np.ndarray], y: np.ndarray) -> tuple[dict[str, float], float, float]:
-    """Least squares y = sum(w_f * x_f) + c with every w_f >= 0.
-
-    Scipy-free active-set shortcut: fit all features, drop the most negative
-    coefficient's feature, refit, until none is negative. Columns are scaled
-    to unit maximum first because bytes and FLOPs are ~1e6-1e10 while
-    seconds are ~1e-3.
-
-    Returns:
-        (coefficients by feature name, dropped ones 0.0; intercept; R^2).
-    """
-    active = list(features)
-    while True:
-        scales = [float(np.max(np.abs(features[n]))) or 1.0 for n in active]
-        cols = [features[n] / s for n, s in zip(active, scales, strict=True)]
-        design = np.column_stack([*cols, np.ones_like(y)])
-        sol, *_ = np.linalg.lstsq(design, y, rcond=None)
-        coefs = {n: float(w / s) for n, w, s in zip(active, sol[:-1], scales, strict=True)}
-        negative = [n for n in active if coefs[n] < 0]
-        if not negative:
-            break
-        active.remove(min(negative, key=coefs.__getitem__))
-    full = {n: coefs.get(n, 0.0) for n in features}
-    intercept = float(sol[-1])
-    pred = intercept + sum(full[n] * features[n] for n in features)
-    return full, intercept, _r2(y, pred)
-
-
 @dataclass
 class CostModel:
     """Fitted decode time model: seconds = a_bytes * bytes + b_flops * flops + c.
@@ -724,126 +563,17 @@ class CostModel:
         return cls(**data)
 
 
-def fit_cost_model(config: ModelConfig, samples: Sequence[CostSample], dtype_bytes: int = 4) -> CostModel:
-    """Fit seconds = a * bytes + b * flops + c to measured decode iterations.
-
-    Also fits bytes-only and FLOPs-only models and reports each R^2, so one
-    can check the "Time Matters" claim (memory traffic predicts time better
-    than FLOPs) on this hardware. Coefficients are constrained >= 0 by
-    dropping a feature whose unconstrained coefficient comes out negative.
-
-    Args:
-        config: the configuration the samples were measured on.
-        samples: measured decode iterations (at least 3).
-        dtype_bytes: element size used to compute bytes.
-
-    Returns:
-        The fitted `CostModel` (uses the two-feature fit).
-
-    Raises:
-        ValueError: fewer than 3 samples, or a sample outside the config.
-    """
-    if len(samples) < 3:
-        raise ValueError(
-            f"fit_cost_model needs at least 3 samples (2 coefficients + intercept), got {len(samples)}"
-        )
-    costs = [decode_cost(config, s.steps, s.batch, s.context, s.experts, dtype_bytes) for s in samples]
-    x_bytes = np.array([c.bytes for c in costs], dtype=np.float64)
-    x_flops = np.array([c.flops for c in costs], dtype=np.float64)
-    y = np.array([s.seconds for s in samples], dtype=np.float64)
-    both, c, r2_both = _fit_nonneg({"bytes": x_bytes, "flops": x_flops}, y)
-    _, _, r2_bytes = _fit_nonneg({"bytes": x_bytes}, y)
-    _, _, r2_flops = _fit_nonneg({"flops": x_flops}, y)
-    return CostModel(
-        a_bytes=both["bytes"],
-        b_flops=both["flops"],
-        c=c,
-        r2_bytes=r2_bytes,
-        r2_flops=r2_flops,
-        r2_both=r2_both,
-        n_samples=len(samples),
-        config_name=config.name,
-        dtype_bytes=dtype_bytes,
-    )
+# The calibration (fitting) lives in models/cost_fit.py, which imports this module; its names
+# are still importable from here (`from models.cost import fit_cost_model`), resolved on first use.
+_FIT_NAMES = frozenset({"CostSample", "design_grid", "fit_cost_model"})
 
 
-# ----------------------------------------------------------------------------
-# Calibration grid
-# ----------------------------------------------------------------------------
-def _spread(low: int, high: int, count: int) -> list[int]:
-    """Up to `count` distinct integers evenly spread over [low, high], ends included."""
-    return sorted({round(v) for v in np.linspace(low, high, count)})
+def __getattr__(name: str) -> Any:
+    if name in _FIT_NAMES:
+        from models import cost_fit
 
-
-def design_grid(
-    config: ModelConfig,
-    batches: Sequence[int] = (1, 4, 16),
-    contexts: Sequence[int] = (16, 64, 192),
-    max_points: int = 40,
-) -> list[tuple[int, int, int, int | None]]:
-    """A small, well-spread grid of decode iterations to time for calibration.
-
-    Candidates are the product of steps (min, max and two between), expert
-    settings (MoE: 1..top_k ends and middle; tree: depth 0, middle, D;
-    dense: None), batches and contexts (those < context_length). Batch moves
-    FLOPs much more than bytes (weights are shared) and context moves KV
-    bytes, so the grid separates the two features. When the product exceeds
-    `max_points`, the corners are kept and the rest is filled greedily by
-    maximin distance in normalised level coordinates (deterministic).
-
-    Args:
-        config: the model configuration.
-        batches: batch sizes to include.
-        contexts: context lengths to include (clipped to < context_length).
-        max_points: cap on the number of points.
-
-    Returns:
-        `(steps, batch, context, experts)` tuples.
-    """
-    low, high = config.step_range
-    steps = _spread(low, high, 4)
-    if config.ffn == "moe":
-        experts: list[int | None] = list(_spread(1, config.experts_top_k, 3))
-    elif config.ffn == "tree":
-        experts = list(_spread(0, config.tree_depth, 3))
-    else:
-        experts = [None]
-    ctxs = sorted({c for c in contexts if 0 <= c < config.context_length}) or [config.context_length - 1]
-    bats = sorted({b for b in batches if b >= 1}) or [1]
-    axes: list[list[Any]] = [steps, bats, ctxs, experts]
-
-    # Levels normalised to [0, 1] per axis, so every axis weighs the same.
-    def coords(idx: tuple[int, ...]) -> np.ndarray:
-        return np.array([i / max(len(a) - 1, 1) for i, a in zip(idx, axes, strict=True)])
-
-    candidates = list(np.ndindex(*(len(a) for a in axes)))
-    if len(candidates) <= max_points:
-        chosen = candidates
-    else:
-        is_corner = [all(i in (0, len(a) - 1) for i, a in zip(idx, axes, strict=True)) for idx in candidates]
-        chosen = [c for c, corner in zip(candidates, is_corner, strict=True) if corner][:max_points]
-        points = np.stack([coords(c) for c in candidates])
-        taken = np.array([c in chosen for c in candidates])
-        dist = np.min(np.linalg.norm(points[:, None, :] - points[taken][None, :, :], axis=-1), axis=1)
-
-        def take(allowed: np.ndarray) -> None:
-            nonlocal dist
-            best = int(np.argmax(np.where(allowed & ~taken, dist, -1.0)))  # first maximum: deterministic
-            chosen.append(candidates[best])
-            taken[best] = True
-            dist = np.minimum(dist, np.linalg.norm(points - points[best], axis=-1))
-
-        # Cover every level of every axis (e.g. the middle step counts) before filling,
-        # so each setting the runtime may pick is measured at least once.
-        levels = np.array(candidates)
-        for axis, values in enumerate(axes):
-            for level in range(len(values)):
-                if len(chosen) < max_points and not np.any(taken & (levels[:, axis] == level)):
-                    take(levels[:, axis] == level)
-        while len(chosen) < max_points:
-            take(np.ones(len(candidates), dtype=bool))
-        chosen = sorted(chosen)
-    return [tuple(a[i] for i, a in zip(idx, axes, strict=True)) for idx in chosen]  # type: ignore[misc]
+        return getattr(cost_fit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -852,11 +582,8 @@ __all__ = [
     "ACT_SCORE_PASSES",
     "Cost",
     "CostModel",
-    "CostSample",
     "block_param_counts",
     "decode_cost",
-    "design_grid",
-    "fit_cost_model",
     "param_counts",
     "prefill_cost",
     "remaining_cost",

@@ -17,6 +17,7 @@ resumes on exactly the batch it would have drawn next.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -36,6 +37,9 @@ DOC_SEPARATOR = "\n\n"
 # whitespace run straddles a group boundary, while keeping items big enough
 # that the Rust side, not the Python loop, dominates.
 _ENCODE_LINES_PER_ITEM = 256
+
+# Characters per chunk of `split_train_val` (the unit the validation split is drawn in).
+CHUNK_CHARS = 2048
 
 # Footnote markup as found in some eBible.org exports: "{...}".
 _FOOTNOTE = re.compile(r"\{[^{}]*\}")
@@ -171,7 +175,7 @@ def _load_default_corpus() -> str:
 
 
 def split_train_val(
-    text: str, val_fraction: float = 0.05, seed: int = 0, chunk_chars: int = 2048
+    text: str, val_fraction: float = 0.05, seed: int = 0, chunk_chars: int = CHUNK_CHARS
 ) -> tuple[str, str]:
     """Split `text` into train and validation text by whole contiguous chunks.
 
@@ -238,6 +242,48 @@ def encode_corpus(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     encodings = tokenizer.encode_batch(items, add_special_tokens=False)
     ids = [token_id for enc in encodings for token_id in enc.ids]
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def require_tokens(
+    split: str,
+    ids: torch.Tensor,
+    need: int,
+    split_text: str,
+    corpus: str,
+    share: float,
+    source: str = "the corpus",
+    chunk_chars: int = CHUNK_CHARS,
+) -> None:
+    """Check that one split of a corpus holds at least `need` tokens (one `seq_len + 1` window).
+
+    Args:
+        split: its name in the message ("validation", "training").
+        ids: the split's tokens.
+        need: tokens it must hold.
+        split_text: the split's text, `corpus` the whole corpus text.
+        share: the fraction of the corpus's chunks the split gets (`val_fraction` or the rest).
+        source: where the corpus came from (a path), for the message.
+        chunk_chars: `split_train_val`'s chunk size.
+
+    Raises:
+        DataError: naming the split, its size in bytes and tokens, and about how big a corpus
+            is enough at this text's bytes per token: the split takes whole chunks (at least one,
+            possibly the short last one), so it needs one chunk more than its tokens fill.
+    """
+    have = int(ids.numel())
+    if have >= need:
+        return
+    split_bytes = len(split_text.encode("utf-8"))
+    bytes_per_token = split_bytes / max(have, 1)
+    chunks = math.ceil(need * bytes_per_token / chunk_chars) + 1
+    enough = math.ceil(chunks / share) * chunk_chars
+    raise DataError(
+        f"{source}: the {split} split has {have} tokens ({split_bytes:,} bytes of a "
+        f"{len(corpus.encode('utf-8')):,}-byte corpus: it takes {share:.0%} of the corpus's "
+        f"{chunk_chars:,}-character chunks, at least one), but needs at least seq_len + 1 = {need} tokens; "
+        f"at this text's {bytes_per_token:.1f} bytes per token a corpus of about {enough:,} bytes is "
+        f"enough (or a smaller train.seq_len, or a larger train.val_fraction)"
+    )
 
 
 # --------------------------------------------------------------------------- #

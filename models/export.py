@@ -1,9 +1,10 @@
 """ONNX export of a LeanLM as separate embed / block / head graphs.
 
 The step loop is *not* exported. Each distinct block is one graph that takes
-dense past keys and values and returns the new ones; the caller (the ONNX
-Runtime backend in runtime/backends/onnx_backend.py, or `_parity_check` here)
-runs the Euler loop, picks block `floor(i * n_blocks / N)` for step `i`, and
+dense past keys and values and returns the new ones; the trunk loop every
+backend shares (models/trunk.py `run_forward`, with `models.executors.OnnxExecutor`
+over these graphs: the ONNX Runtime backend and `_parity_check` here) runs the
+Euler steps, picks block `floor(i * n_blocks / N)` for step `i`, and
 gathers/scatters the paged cache around each call. So one export serves every
 step count, every batch composition and the cached and uncached paths.
 
@@ -37,12 +38,15 @@ Shape legend:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import time
 import types
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +220,28 @@ def block_io_names(config: ModelConfig) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
+# torch.onnx's exporter logs (logging, WARNING, not `warnings`) one line per torchvision op it
+# cannot register, 4 per graph, when torchvision is not installed; leanserve uses none of them.
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _TorchvisionNoteFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _without_torchvision_notes() -> Iterator[None]:
+    """Drop the exporter's "torchvision is not installed. Skipping torchvision::..." lines."""
+    logger = logging.getLogger(_REGISTRATION_LOGGER)
+    note_filter = _TorchvisionNoteFilter()
+    logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note_filter)
+
+
 def _export(
     module: nn.Module,
     args: tuple[Tensor, ...],
@@ -238,7 +264,7 @@ def _export(
 
     shapes = {name: {ax: dim(n) for ax, n in axes.items()} for name, axes in dynamic.items()}
     dynamic_shapes = tuple(shapes.get(n) for n in inputs)  # positional, one entry per input
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_torchvision_notes():
         warnings.simplefilter("ignore")  # exporter chatter (torchvision ops, unused axis names)
         torch.onnx.export(
             module,
@@ -349,47 +375,52 @@ def export_onnx(
         "graphs": graphs,
     }
     (onnx_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    from models.train import make_readable  # 0755 / 0644 whatever the umask (the image runs as uid 1000)
+
+    make_readable(onnx_dir)
     return manifest
 
 
 # --- `leanserve export MODEL_DIR` --------------------------------------------
 @torch.no_grad()
 def _parity_check(model: LeanLM, out_dir: Path, seed: int = 0) -> float:
-    """Max |ORT - torch| of the logits on a random batch without a cache.
+    """Max |ORT - torch| of the logits: a prompt and a decode token, two rows at different step counts.
 
-    A minimal driver of the graphs (uniform steps, no cache); the serving
-    backend in runtime/ is the full one, and models/ must not import it.
+    Both sides run the same trunk loop (`models.trunk.run_forward`) with a paged
+    cache each; only the executor differs (the model's modules vs
+    `OnnxExecutor` over the exported graphs).
     """
     import onnxruntime as ort
 
+    from models.executors import OnnxExecutor
+    from models.kv_cache import PagedKVCache
+    from models.trunk import describe, run_forward
+
     c = model.config
     g = torch.Generator().manual_seed(seed)
-    B, T, N = 2, min(8, c.context_length), int(c.default_steps)
-    tokens = torch.randint(0, c.vocab_size, (B, T), generator=g)
-    positions = torch.arange(T).expand(B, T).contiguous()
-    setting = c.max_expert_setting
-    ref = model(tokens, positions, N).logits
-
-    def session(name: str) -> ort.InferenceSession:
-        return ort.InferenceSession(
+    B, T = 2, min(8, c.context_length - 1)
+    steps = [c.step_range[0], int(c.default_steps)]
+    sessions = {
+        name: ort.InferenceSession(
             str(out_dir / ONNX_DIR / f"{name}.onnx"), providers=["CPUExecutionProvider"]
         )
-
-    blocks = [session(f"block_{k}") for k in range(c.n_blocks)]
-    (x,) = session("embed").run(None, {"tokens": tokens.numpy(), "positions": positions.numpy()})
-    empty = torch.zeros(B, c.n_heads, 0, c.head_dim).numpy()
-    feed: dict[str, Any] = {
-        "h": torch.full((B, 1, 1), c.horizon / N).numpy(),
-        "past_k": empty,
-        "past_v": empty,
-        "mask": torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T).contiguous().numpy(),
+        for name in ["embed", "head", *(f"block_{k}" for k in range(c.n_blocks))]
     }
-    if setting is not None:
-        feed["setting"] = torch.full((B,), setting).numpy()
-    for i in range(N):
-        x = blocks[(i * c.n_blocks) // N].run(None, {"x": x, **feed})[0]
-    (logits,) = session("head").run(None, {"x": x})
-    return float((torch.from_numpy(logits) - ref).abs().max())
+    onnx = OnnxExecutor(c, sessions)
+    caches = [PagedKVCache(c, num_pages=B * max(steps) * (T + 1), page_size=4) for _ in range(2)]
+    for cache in caches:
+        for b in range(B):
+            cache.reserve(b, steps[b], T + 1)
+    tokens = torch.randint(0, c.vocab_size, (B, T), generator=g)
+    positions = torch.arange(T).expand(B, T).contiguous()
+    diff = 0.0
+    for _ in range(2):  # the prompt, then one decode token against the cache
+        ref = model(tokens, positions, steps, kv=caches[0].batch([0, 1]), last_only=True).logits
+        fwd = describe(c, tokens, positions, steps, caches[1].batch([0, 1]), last_only=True)
+        got = run_forward(onnx, c, fwd).logits
+        diff = max(diff, float((got - ref).abs().max()))
+        tokens, positions = ref[:, -1].argmax(-1, keepdim=True), positions[:, -1:] + 1
+    return diff
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -409,6 +440,6 @@ def cli_main(args: argparse.Namespace) -> int:
         diff = _parity_check(model, model_dir)
         print(
             f"parity: max |onnxruntime - torch| logits = {diff:.2e} "
-            f"(steps={model.config.default_steps}, no cache)"
+            f"(steps {model.config.step_range[0]} and {model.config.default_steps}, prompt and decode)"
         )
     return 0

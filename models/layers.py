@@ -28,7 +28,7 @@ Blocks take the past keys and values as dense tensors and return the new ones
 (the form exported to ONNX: one graph serves every step count), or, in eager
 torch, a `KVWrite` callback that stores the new keys and values in the paged
 cache and returns the whole visible window in one gather, which saves a copy
-of the past per block (models/model.py `run_trunk`).
+of the past per block (models/executors.py `EagerExecutor`).
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ def _build_engine(
 ) -> Any:
     from models.kv_cache import PagedKVCache
     from runtime.engine import Engine, EngineConfig
+    from runtime.settings import CompileSpec
 
     if args.model_dir:
         from models.checkpoint import load_config
@@ -120,15 +121,15 @@ def _build_engine(
         ec.inline_decode_ms = args.inline_decode_ms
     compiled = backend == "torch" and args.compile
     # Whole-decode graphs for exactly the step counts this benchmark measures.
-    kwargs: dict[str, Any] = {"compile": True, "compile_steps": sorted(set(_measured_steps(config)))}
+    spec = CompileSpec(tuple(sorted(set(_measured_steps(config))))) if compiled else None
     if args.model_dir:
-        return Engine.from_model_dir(args.model_dir, ec, backend=backend, **(kwargs if compiled else {}))
+        return Engine.from_model_dir(args.model_dir, ec, backend=backend, compile=spec)
     from models.model import LeanLM
     from runtime.backends.torch_backend import TorchBackend
 
     torch.manual_seed(0)
     model = LeanLM(config).eval()
-    return Engine(TorchBackend(model, **(kwargs if compiled else {})), _StubTokenizer(), ec)  # type: ignore[arg-type]
+    return Engine(TorchBackend(model, spec), _StubTokenizer(), ec)  # type: ignore[arg-type]
 
 
 def _measured_steps(config: ModelConfig) -> tuple[int, int]:
@@ -424,6 +425,13 @@ def main(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if getattr(args, "speculation", False):  # `--speculation`: runtime/bench_spec.py's section
+        from runtime import bench_spec
+
+        spec_args = argparse.Namespace(**vars(args))
+        if args.json:
+            spec_args.json = str(Path(args.json).with_suffix(".speculation.json"))
+        bench_spec.main(spec_args)
     return 0
 
 

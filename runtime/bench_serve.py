@@ -211,7 +211,8 @@ def main(args: Any) -> int:
     from runtime.client import Client
     from runtime.local import resolve_model_dir
     from runtime.serve_app import deploy
-    from runtime.serve_cli import start_local, stop_local
+    from runtime.serve_local import start_local, stop_local
+    from runtime.settings import CompileSpec
 
     model_dir = str(resolve_model_dir(args.model_dir))
     threads = args.threads or torch.get_num_threads()
@@ -227,7 +228,7 @@ def main(args: Any) -> int:
     # With --compile the bare engine compiles first (or loads the cache); the replica,
     # started later with the same thread count, then loads the same artifacts. Both
     # get a whole-decode graph for the step count measured.
-    backend_args = {"compile": True, "compile_steps": [args.steps]} if args.compile else {}
+    backend_args = {"compile": CompileSpec((args.steps,))} if args.compile else {}
     bare = BareEngine(model_dir, engine_args, threads, backend_args)
     # Reference only: the same engine before any Ray process exists (no background load at all).
     without_ray = [bare.run(args.steps, args.new_tokens) for _ in range(WARMUP + args.runs)][WARMUP:]

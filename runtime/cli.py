@@ -116,18 +116,34 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default: argparse's "(default: X)" is appended unless the help
+    already says what the default is, or there is none to show (None, False: "not set")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Builds the top-level parser with one subparser per registered command."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Serve small elastic-compute transformer LMs; each request chooses its compute.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     if COMMANDS:
         subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
         for command in COMMANDS:
-            sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+            sub = subparsers.add_parser(
+                command.name, help=command.help, description=command.help, formatter_class=HelpFormatter
+            )
             # SUPPRESS keeps a subparser default from overwriting `leanserve --debug <cmd>`.
             sub.add_argument(
                 "--debug",
@@ -162,12 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.command, _resolve(target), args)
 
 
-def run_command(
-    name: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace
-) -> int:
+def run_command(name: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Runs `func(args)` with the CLI's error reporting: a user error (`USER_ERRORS`) prints
     `leanserve NAME: error: MESSAGE` and returns 2, Ctrl-C returns 130; with `args.debug`
-    both re-raise. Also used by `leanserve serve`'s driver process (runtime/serve_cli.py)."""
+    both re-raise. Also used by `leanserve serve`'s driver process (runtime/serve_driver.py)."""
     debug = getattr(args, "debug", False)
     try:
         rc = func(args)
@@ -190,13 +204,40 @@ def run_command(
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("preset", help="preset name (models/presets/NAME.json) or path to a preset JSON file")
-    p.add_argument("--out", help="model directory to write (default runs/<model name>)")
+    p.add_argument(
+        "--name",
+        help="model name written into config.json, the name it is served under "
+        "(default: the preset's model name)",
+    )
+    p.add_argument("--out", help="model directory to write (default: runs/<model name>)")
     p.add_argument("--text", help="UTF-8 text file or folder to train on (default: World English Bible)")
-    p.add_argument("--iterations", type=int, help="override train.iterations")
-    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--iterations", type=int, help="override train.iterations (default: the preset's)")
+    p.add_argument("--seed", type=int, help="override train.seed (default: the preset's)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:K or auto (default: the preset's, else cpu)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="compute dtype; bfloat16 = autocast with float32 master weights (default: the preset's)",
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="rows per forward/backward per process; the global batch (train.batch_size) is accumulated "
+        "over micro-batches and split over torchrun processes, so it does not depend on either "
+        "(default: the preset's, else a process's whole share in one pass)",
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore a saved <out>.train-state/")
     p.add_argument("--keep-state", action="store_true", help="keep <out>.train-state/ after finishing")
+    p.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the closing `leanserve eval` (profile.json: quality tiers, latency calibration); "
+        "a model without one serves uncalibrated",
+    )
 
 
 register(
@@ -210,6 +251,11 @@ register(
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="model directory")
     p.add_argument("--text", help="corpus the model was trained on (default: as recorded in config.json)")
+    p.add_argument(
+        "--out",
+        help="where to write the profile (default: MODEL_DIR/profile.json, which serve reads; a "
+        "profile.json that git tracks is only replaced when --out names it)",
+    )
     p.add_argument("--max-tokens", type=int, default=32768, help="validation tokens per setting")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
 
@@ -272,6 +318,11 @@ def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     _add_inline_decode_argument(p)
     p.add_argument("--quick", action="store_true", help="short runs (smoke test)")
+    p.add_argument(
+        "--speculation",
+        action="store_true",
+        help="also the speculative-decoding section (runtime/bench_spec.py)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
@@ -309,7 +360,7 @@ _BENCHES = {
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     kinds = p.add_subparsers(dest="bench", metavar="<what>", required=True)
     for name, (help_text, add, target) in _BENCHES.items():
-        sub = kinds.add_parser(name, help=help_text, description=help_text)
+        sub = kinds.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         add(sub)
         sub.set_defaults(_bench_target=target)
 
@@ -331,16 +382,28 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory (default: models/zoo/ode-tiny)")
     p.add_argument("--steps", type=int, help="ODE steps (default: the model's default)")
     p.add_argument("--experts", type=int, help="MoE top-k or tree depth (default: maximum)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="sampling seed, for a repeatable text (default: random, printed with the stats)",
+    )
     p.add_argument("--stream", action="store_true", help="flush text as it is produced")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="torch threads, local model only (default: all cores)")
     remote = p.add_argument_group("server (with --server the model runs in `leanserve serve`, not here)")
-    remote.add_argument("--server", metavar="HOST:PORT", help="gRPC endpoint, e.g. 127.0.0.1:9000")
-    remote.add_argument("--quality", help="quality tier: fast, balanced or best")
-    remote.add_argument("--latency-budget-ms", type=float, help="whole-request budget mapped to steps")
-    remote.add_argument("--timeout", type=float, help="gRPC deadline in seconds (also feeds the step policy)")
+    remote.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="gRPC endpoint, e.g. 127.0.0.1:9000 (default: the model runs here)",
+    )
+    remote.add_argument("--quality", help="quality tier: fast, balanced or best (default: not set)")
+    remote.add_argument(
+        "--latency-budget-ms", type=float, help="whole-request budget mapped to steps (default: not set)"
+    )
+    remote.add_argument(
+        "--timeout", type=float, help="gRPC deadline in seconds, also feeds the step policy (default: none)"
+    )
 
 
 register(
@@ -352,8 +415,39 @@ register(
 
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", nargs="?", help="model directory (default: models/zoo/ode-tiny)")
-    p.add_argument("--config", help="YAML with the builder args (model_dir, engine, deployment, ...)")
+    p.add_argument(
+        "model_dir",
+        nargs="?",
+        help="model directory (default: the --config file's, else models/zoo/ode-tiny)",
+    )
+    p.add_argument(
+        "--model-dir",
+        dest="model_dir_flag",
+        metavar="DIR",
+        help="the model directory, as a flag (overrides the --config file's; default: the positional)",
+    )
+    p.add_argument(
+        "--config",
+        help="YAML: builder args (model_dir, engine, deployment, ...) or a Serve config such as "
+        "deploy/serve/leanserve.yaml, whose first application's args are used (default: none)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="weights and KV pool of the torch backend; bfloat16 holds twice the tokens per KV byte "
+        "(default: the --config file's, else float32)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        help="inference backend; onnx needs `leanserve export` first (default: the --config file's, "
+        "else torch)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model name clients send and /v1/models lists (default: the name in config.json)",
+    )
     p.add_argument(
         "--grpc-port",
         type=int,
@@ -369,18 +463,13 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray metrics export port (default 8080)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--num-cpus", type=int, help="CPUs given to the local Ray (default: all)")
-    p.add_argument("--replicas", type=int, help="number of replicas (default 1)")
-    p.add_argument("--max-batch-size", type=int, help="engine: most running requests per replica")
-    p.add_argument("--max-waiting", type=int, help="engine: waiting-queue bound per replica")
-    p.add_argument("--kv-cache-bytes", type=int, help="engine: KV pool bytes per replica")
-    p.add_argument("--default-steps", type=int, help="engine: default step count")
-    p.add_argument("--slo-target-itl-ms", type=float, help="engine: adapt default steps to this ITL")
-    _add_inline_decode_argument(p)
-    p.add_argument("--threads", type=int, help="torch threads per replica")
+    p.add_argument("--replicas", type=int, help="number of replicas (default: the --config file's, else 1)")
+    p.add_argument("--threads", type=int, help="torch threads per replica (default: torch's, all cores)")
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch backend: AOT-compiled decode (compiled on first use per model shape, then cached)",
+        help="torch backend: AOT-compiled decode (compiled on first use per model shape, then cached; "
+        "default: eager)",
     )
     p.add_argument(
         "--compile-steps",
@@ -403,6 +492,9 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "metadata `authorization: Bearer KEY`); default: $LEANSERVE_API_KEY of the environment, "
         "else no key. Prefer the environment variable: a flag is visible in `ps`",
     )
+    from runtime.serve_config import add_engine_arguments  # standard library (+ runtime.settings: no torch)
+
+    add_engine_arguments(p)
 
 
 register(

@@ -136,12 +136,29 @@ def build_request(
     experts_top_k: int | None = None,
     expert_depth: int | None = None,
     request_id: str | None = None,
+    truncate_prompt_tokens: int | None = None,
+    messages: list[dict[str, str]] | None = None,
+    add_generation_prompt: bool | None = None,
 ) -> Any:
-    """A `GenerateRequest`; None leaves a field unset (server default)."""
+    """A `GenerateRequest`; None leaves a field unset (server default).
+
+    Args:
+        prompt: the text to continue ("" with `messages`).
+        messages: a conversation instead of a prompt, `[{"role", "content"[, "name"]}]`,
+            rendered by the server with the model's chat template.
+        add_generation_prompt: with `messages`: open the assistant's turn (server default: true).
+        truncate_prompt_tokens: keep only the last N prompt tokens.
+        The others: `SamplingParams` / `ComputeParams` fields of the proto.
+    """
     sampling = {
         k: v
         for k, v in dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            truncate_prompt_tokens=truncate_prompt_tokens,
         ).items()
         if v is not None
     }
@@ -160,9 +177,12 @@ def build_request(
         prompt=prompt,
         sampling=pb2.SamplingParams(stop=stop or [], **sampling),
         compute=pb2.ComputeParams(**compute),
+        messages=[pb2.ChatMessage(**m) for m in messages or []],
     )
     if request_id is not None:
         msg.request_id = request_id
+    if add_generation_prompt is not None:
+        msg.add_generation_prompt = add_generation_prompt
     return msg
 
 
@@ -230,21 +250,27 @@ def generate_remote(args: Any) -> int:
         **experts,
     )
     out = sys.stdout
+    last = None
     try:
-        out.write(args.prompt)
+        started = False
+        # The prompt is echoed once the server has answered, so an error is never printed after it.
         if args.stream:
-            last = None
             for last in client.stream(req, timeout=args.timeout):
-                out.write(last.text)
+                out.write(last.text if started else args.prompt + last.text)
+                started = True
                 out.flush()
         else:
             last = client.generate(req, timeout=args.timeout)
-            out.write(last.text)
+            out.write(args.prompt + last.text)
         out.write("\n")
     except grpc.RpcError as e:
-        print(f"\nleanserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
+        if last is not None:
+            out.write("\n")
+        out.flush()
+        print(f"leanserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
     finally:
+        out.flush()  # the text and its newline before the stats line on stderr
         client.close()
     if last is not None:
         reason = pb2.FinishReason.Name(last.finish_reason)

@@ -28,6 +28,8 @@ from typing import Any, NoReturn, Protocol
 
 import grpc
 
+from runtime.openai_schema import compute_options
+from runtime.prompts import encode_messages, pretokenize_truncated
 from runtime.proto_build import load_stubs
 from runtime.types import (
     ComputeParams,
@@ -248,7 +250,10 @@ def check_parsed(message: Any) -> None:
 
 
 def to_engine_request(
-    message: Any, timeout_ms: float | None = None, client_id: str = ""
+    message: Any,
+    timeout_ms: float | None = None,
+    client_id: str = "",
+    prompt_token_ids: list[int] | None = None,
 ) -> GenerationRequest:
     """Convert a `leanserve.v1.GenerateRequest` into the engine's `GenerationRequest`.
 
@@ -259,8 +264,21 @@ def to_engine_request(
         message: the protobuf request.
         timeout_ms: the client's remaining time (see the module docstring).
         client_id: the caller (`client_from_metadata`).
+        prompt_token_ids: the encoded conversation of a request with `messages`
+            (`submit_generate` renders it with the model's chat template).
+
+    Raises:
+        InvalidRequestError: a malformed message; both `prompt` and `messages`;
+            `messages` without their encoding.
     """
     check_parsed(message)
+    if message.messages:
+        if message.prompt:
+            raise InvalidRequestError("messages", f"<{len(message.messages)} messages>", _ONE_PROMPT)
+        if prompt_token_ids is None:
+            raise InvalidRequestError(
+                "messages", f"<{len(message.messages)} messages>", "are not accepted here: send prompt"
+            )
     s, c = message.sampling, message.compute
     defaults = SamplingParams()
     sampling = SamplingParams(
@@ -277,6 +295,7 @@ def to_engine_request(
         else defaults.frequency_penalty,
         logit_bias=dict(s.logit_bias),
         logprobs=s.logprobs if s.HasField("logprobs") else None,
+        truncate_prompt_tokens=s.truncate_prompt_tokens if s.HasField("truncate_prompt_tokens") else None,
     )
     compute = ComputeParams(
         steps=c.steps if c.HasField("steps") else None,
@@ -284,6 +303,8 @@ def to_engine_request(
         latency_budget_ms=c.latency_budget_ms if c.HasField("latency_budget_ms") else None,
         experts_top_k=c.experts_top_k if c.HasField("experts_top_k") else None,
         expert_depth=c.expert_depth if c.HasField("expert_depth") else None,
+        draft_steps=c.draft_steps if c.HasField("draft_steps") else None,
+        draft_tokens=c.draft_tokens if c.HasField("draft_tokens") else None,
     )
     now = time.monotonic()
     deadline = None
@@ -295,7 +316,8 @@ def to_engine_request(
     # An empty prompt is passed on as "" so that the engine names the field.
     return GenerationRequest(
         request_id=request_id,
-        prompt=message.prompt,
+        prompt=None if prompt_token_ids is not None else message.prompt,
+        prompt_token_ids=prompt_token_ids,
         sampling=sampling,
         compute=compute,
         arrival_time=now,
@@ -303,6 +325,61 @@ def to_engine_request(
         client_id=client_id,
         priority=message.priority if message.HasField("priority") else 0,
     )
+
+
+_ONE_PROMPT = "give either prompt or messages, not both"
+# Engine field names -> the GenerateRequest's: a prompt the front end tokenised (truncation) is
+# the client's `prompt`, an encoded conversation its `messages`.
+_PROMPT_NAMES = {"prompt_token_ids": "prompt"}
+_CHAT_NAMES = {"prompt_token_ids": "messages", "prompt": "messages"}
+
+
+def _chat_messages(message: Any) -> list[dict[str, str]]:
+    """The request's `ChatMessage`s as the dicts `chat_template.check_messages` checks."""
+    return [
+        {"role": m.role, "content": m.content, **({"name": m.name} if m.HasField("name") else {})}
+        for m in message.messages
+    ]
+
+
+async def submit_generate(
+    engine: Any, message: Any, context: StatusContext | None, chat_template: Any = None
+) -> AsyncIterator[RequestOutput]:
+    """Convert and submit a `GenerateRequest` (what the servicer's Generate and GenerateStream call).
+
+    A request with `messages` is rendered with `chat_template` (runtime/prompts.py
+    `encode_messages`: checked as hostile input, tokenised off the loop when long); a
+    prompt with `truncate_prompt_tokens` is tokenised and cut here. Engine errors about
+    the prompt name the field the client set (`prompt` or `messages`).
+
+    Args:
+        engine: the engine (`submit_async`, `tokenizer`, `model_config`).
+        message: the protobuf request.
+        context: the servicer context (metadata: timeout, client).
+        chat_template: the model's `runtime.chat_template.ChatTemplate`; None = no chat.
+
+    Raises:
+        InvalidRequestError, and whatever `Engine.submit_async` raises.
+    """
+    check_parsed(message)
+    timeout_ms, client_id = timeout_ms_from_metadata(context), client_from_metadata(context)
+    names, ids = _PROMPT_NAMES, None
+    if message.messages and not message.prompt:
+        if chat_template is None:
+            raise InvalidRequestError("messages", f"<{len(message.messages)} messages>", "no chat template")
+        s = message.sampling
+        truncating = s.HasField("truncate_prompt_tokens")
+        agp = message.add_generation_prompt if message.HasField("add_generation_prompt") else True
+        ids = await encode_messages(engine, chat_template, _chat_messages(message), agp, truncating)
+        names = _CHAT_NAMES
+    request = to_engine_request(message, timeout_ms, client_id, ids)
+    try:
+        await pretokenize_truncated(engine, request)
+        return await engine.submit_async(request)
+    except InvalidRequestError as e:
+        if e.field in names:
+            raise InvalidRequestError(names[e.field], e.value, e.allowed) from None
+        raise
 
 
 _FINISH = {"stop": 1, "length": 2, "cancelled": 3}
@@ -313,6 +390,19 @@ def to_response(pb2: Any, out: RequestOutput) -> Any:
     compute = pb2.ComputeUsed(steps=out.steps, policy_reason=out.policy_reason)
     if out.experts is not None:
         compute.experts = out.experts
+    r = out.speculation
+    if r is not None:
+        compute.speculation.CopyFrom(
+            pb2.SpeculationReport(
+                ran=r.ran,
+                draft_steps=r.draft_steps,
+                draft_tokens=r.draft_tokens,
+                drafted_tokens=r.drafted_tokens,
+                accepted_tokens=r.accepted_tokens,
+                rounds=r.rounds,
+                mode=r.mode,
+            )
+        )
     logprobs = [
         pb2.GeneratedLogprob(
             token=pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
@@ -352,6 +442,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         first_token_s=last.first_token_s,
         total_s=last.total_s,
         logprobs=None if last.logprobs is None else [lp for o in outputs for lp in o.logprobs or ()],
+        speculation=last.speculation,
     )
 
 
@@ -369,25 +460,41 @@ async def coalesce(stream: AsyncIterator[RequestOutput], interval: int) -> Async
         yield merge_outputs(pending)
 
 
-def model_info(pb2: Any, engine: Any) -> Any:
-    """Build a `leanserve.v1.ModelInfo` from a running engine."""
+def model_info(pb2: Any, engine: Any, **extras: Any) -> Any:
+    """Build a `leanserve.v1.ModelInfo` from a running engine: the compute dial as `/v1/models`
+    describes it (`runtime.openai_schema.compute_options`; `extras` are its `latency`,
+    `measured_on` and `chat_template`, see `openai_schema.ModelExtras.options`)."""
     mc = engine.model_config
-    lo, hi = mc.step_range
-    opts = mc.expert_options
+    dial = compute_options(engine, **extras)
     tiers = [
-        pb2.QualityTier(name=name, steps=t.steps, **({} if t.experts is None else {"experts": t.experts}))
-        for name, t in sorted(engine.policy.tiers.items())
+        pb2.QualityTier(
+            name=t["name"],
+            steps=t["steps"],
+            **{k: t[k] for k in ("experts", "perplexity", "ms_per_token") if t[k] is not None},
+        )
+        for t in dial["quality_tiers"]
     ]
-    stats = engine.stats()
+    opts = mc.expert_options
+    e = dial["experts"]
+    setting = (
+        None
+        if e is None
+        else pb2.ExpertSetting(name=e["name"], min=e["min"], max=e["max"], default=e["default"])
+    )
     return pb2.ModelInfo(
         name=mc.name,
         context_length=mc.context_length,
-        min_steps=lo,
-        max_steps=hi,
-        default_steps=stats.default_steps,
+        min_steps=dial["steps"]["min"],
+        max_steps=dial["steps"]["max"],
+        default_steps=dial["steps"]["default"],
         ffn=mc.ffn,
         experts_top_k_options=opts.get("experts_top_k", []),
         expert_depth_options=opts.get("expert_depth", []),
         quality_tiers=tiers,
-        backend=stats.backend,
+        backend=dial["backend"],
+        expert_setting=setting,
+        dtype=dial["dtype"] or "",
+        chat_template=dial["chat_template"] or "",
+        latency_calibrated=dial["latency_budget_ms"]["calibrated"],
+        measured_on={str(k): str(v) for k, v in (dial["measured_on"] or {}).items()},
     )

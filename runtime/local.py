@@ -37,6 +37,7 @@ def generate_local(args: Any) -> int:
     prompt_ids = tok.encode(args.prompt).ids
     if args.threads:
         torch.set_num_threads(args.threads)
+    seed = generation_seed(args.seed)
     t0 = time.perf_counter()
     ids = model.generate(
         prompt_ids,
@@ -44,23 +45,32 @@ def generate_local(args: Any) -> int:
         steps=args.steps,
         experts=args.experts,
         temperature=args.temperature,
-        seed=args.seed,
+        seed=seed,
     )
     elapsed = time.perf_counter() - t0
     decoder = IncrementalDecoder(tok, prompt_ids)
     out = sys.stdout
-    out.write(args.prompt)
+    out.write(args.prompt)  # after generating: an error is never printed after the prompt
     for token in ids:
         out.write(decoder.push(token))
         if args.stream:
             out.flush()
     out.write(decoder.flush() + "\n")
+    out.flush()  # the text and its newline before the stats line on stderr
     steps = args.steps or model.config.default_steps
     print(
-        f"[{len(ids)} tokens, steps={steps}, {elapsed / max(len(ids), 1) * 1e3:.1f} ms/token, local]",
+        f"[{len(ids)} tokens, steps={steps}, {elapsed / max(len(ids), 1) * 1e3:.1f} ms/token, "
+        f"seed={seed}, local]",
         file=sys.stderr,
     )
     return 0
+
+
+def generation_seed(seed: int | None) -> int:
+    """`--seed`, else a random one (printed with the stats, so a text can be reproduced)."""
+    import secrets
+
+    return secrets.randbits(63) if seed is None else seed
 
 
 def info(args: Any) -> int:

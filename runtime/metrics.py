@@ -28,7 +28,12 @@ Series (names below without the `ray_` prefix; counters end in `_total`):
   leanserve_expert_tokens_total{model,expert}              counter
   leanserve_num_requests_running{model}                    gauge
   leanserve_num_requests_waiting{model}                    gauge
-  leanserve_kv_cache_bytes{model,state="used"|"capacity"}  gauge
+  leanserve_kv_cache_bytes{model,state="used"|"capacity"}  gauge ("used": allocated to requests)
+  leanserve_kv_pages{model,state="used"|"reserved"|"capacity"}  gauge: pages holding tokens,
+                                                           allocated to requests, in the pool
+  leanserve_preemptions_total{model}                       counter: requests preempted (KV on demand;
+                                                           runtime/scheduler.py), exported from 0
+  leanserve_recomputed_tokens_total{model}                 counter: tokens recompute prefills fed again
   leanserve_process_resident_memory_bytes{model}           gauge
   leanserve_slo_operating_steps{model}                     gauge: the SLO controller's mean step count
   leanserve_slo_arrival_rate{model}                        gauge: its committed arrival rate, requests/s
@@ -36,10 +41,17 @@ Series (names below without the `ray_` prefix; counters end in `_total`):
   leanserve_slo_predicted_itl_seconds{model}               gauge: inter-token latency it predicts
   leanserve_slo_model_scale{model}                         gauge: measured / cost-model model time
   leanserve_slo_step_changes{model}                        gauge: operating-point changes since start
+  leanserve_latency_prediction_ratio{model,steps}          histogram: measured / predicted end-to-end
+                                                           time of finished requests (runtime/predictor.py)
   leanserve_device_memory_bytes{model,device}              gauge (CUDA only)
+  leanserve_spec_drafted_tokens_total{model,draft_steps,mode}   counter: tokens speculative drafts proposed
+  leanserve_spec_accepted_tokens_total{model,draft_steps,mode}  counter: drafted tokens verification kept
+  leanserve_spec_acceptance_rate{model,draft_steps,mode}   histogram: accepted / drafted per finished
+                                                           request that speculated (runtime/speculation.py)
 
-Label sets are bounded: steps is bounded by the model's step range, expert by
-its expert count, finish_reason by the engine's few reasons.
+Label sets are bounded: steps and draft_steps by the model's step range, expert by
+its expert count, finish_reason by the engine's few reasons, mode (how the draft
+setting was chosen: explicit, default, auto) by three values.
 """
 
 from __future__ import annotations
@@ -63,6 +75,14 @@ ITL_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 # Step counts are small integers: one bucket per count up to 32, then coarse.
 STEP_BUCKETS: tuple[float, ...] = tuple(float(n) for n in range(1, 33)) + (48.0, 64.0, 128.0)
+
+# Prediction error, measured / predicted: fine around 1, where a promise is kept or just missed.
+RATIO_BUCKETS: tuple[float, ...] = (
+    0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0, 3.0, 5.0,
+)  # fmt: skip
+
+# Speculative acceptance (accepted / drafted tokens of a request), in [0, 1].
+ACCEPTANCE_BUCKETS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 _RSS_PERIOD_S = 1.0  # reading /proc costs a syscall: at most once a second
 
@@ -136,7 +156,10 @@ class _RayMetric:
         self._m = metric
 
     def inc(self, value: float, labels: dict[str, str]) -> None:
-        self._m.inc(value, tags=labels)
+        if value == 0:  # Counter.inc refuses 0; a zero point exports the series before its first event
+            self._m._record(0, tags=labels)
+        else:
+            self._m.inc(value, tags=labels)
 
     def set(self, value: float, labels: dict[str, str]) -> None:
         self._m.set(value, tags=labels)
@@ -220,7 +243,40 @@ class EngineMetrics:
         )
         self.running = f.gauge("leanserve_num_requests_running", "Requests holding KV memory.", m)
         self.waiting = f.gauge("leanserve_num_requests_waiting", "Requests waiting for admission.", m)
+        self.prediction_ratio = f.histogram(
+            "leanserve_latency_prediction_ratio",
+            "Measured / predicted end-to-end time of finished requests (the step policy's prediction).",
+            ms,
+            RATIO_BUCKETS,
+        )
+        spec = ("model", "draft_steps", "mode")
+        self.spec_drafted = f.counter(
+            "leanserve_spec_drafted_tokens", "Tokens proposed by self-speculative drafts.", spec
+        )
+        self.spec_accepted = f.counter(
+            "leanserve_spec_accepted_tokens", "Drafted tokens the verification accepted.", spec
+        )
+        self.spec_acceptance = f.histogram(
+            "leanserve_spec_acceptance_rate",
+            "Accepted / drafted tokens of each finished request that speculated.",
+            spec,
+            ACCEPTANCE_BUCKETS,
+        )
         self.kv = f.gauge("leanserve_kv_cache_bytes", "KV cache bytes by state.", ("model", "state"))
+        self.kv_pages = f.gauge(
+            "leanserve_kv_pages",
+            "KV pages holding tokens, allocated to requests, in the pool.",
+            ("model", "state"),
+        )
+        # Counted from the engine's running totals (deltas), and exported at 0 from the start: a
+        # counter bumped only under preemption would otherwise not exist until the first one.
+        self.preemptions = f.counter("leanserve_preemptions", "Requests preempted (KV pool ran dry).", m)
+        self.recomputed_tokens = f.counter(
+            "leanserve_recomputed_tokens", "Tokens recompute prefills fed again after a preemption.", m
+        )
+        self.preemptions.inc(0, self._base)
+        self.recomputed_tokens.inc(0, self._base)
+        self._totals = [0, 0]  # the engine's preemptions_total, recomputed_tokens_total last seen
         self.rss = f.gauge("leanserve_process_resident_memory_bytes", "Resident memory of the replica.", m)
         # SLO controller (set from `EngineStats.slo` by `refresh`; absent without a controller).
         self.slo_gauges = {
@@ -264,28 +320,51 @@ class EngineMetrics:
         if s.generated_tokens:
             self.generated_tokens.inc(s.generated_tokens, b)
         self.ode_steps.observe(s.steps, b)
+        if s.predicted_s is not None and s.predicted_s > 0 and s.finish_reason in ("stop", "length"):
+            self.prediction_ratio.observe(s.total_s / s.predicted_s, ms)
+        r = s.speculation
+        if r is not None and r.drafted_tokens:
+            labels = {"model": self.model, "draft_steps": str(r.draft_steps), "mode": r.mode}
+            self.spec_acceptance.observe(r.accepted_tokens / r.drafted_tokens, labels)
 
     def observe_iteration(self, s: IterationStats) -> None:
         """Record one engine iteration (gauges and expert routing)."""
         for expert, count in enumerate(s.expert_token_counts):
             if count:
                 self.expert_tokens.inc(count, {"model": self.model, "expert": str(expert)})
-        self._set_gauges(s.num_running, s.num_waiting, s.kv_used_bytes, s.kv_capacity_bytes)
+        for (draft_steps, mode), (drafted, accepted) in s.speculation.items():
+            labels = {"model": self.model, "draft_steps": str(draft_steps), "mode": mode}
+            self.spec_drafted.inc(drafted, labels)
+            if accepted:
+                self.spec_accepted.inc(accepted, labels)
+        self._set_gauges(s)
 
     def refresh(self, s: EngineStats) -> None:
         """Set the gauges from a snapshot; call periodically, since an idle engine emits no iterations."""
-        self._set_gauges(s.num_running, s.num_waiting, s.kv_used_bytes, s.kv_capacity_bytes)
+        self._set_gauges(s)
         for key, gauge in self.slo_gauges.items():
             value = (s.slo or {}).get(key)
             if isinstance(value, (int, float)):
                 gauge.set(float(value), self._base)
 
-    def _set_gauges(self, running: int, waiting: int, kv_used: int, kv_capacity: int) -> None:
+    def _set_gauges(self, s: IterationStats | EngineStats) -> None:
         b = self._base
-        self.running.set(running, b)
-        self.waiting.set(waiting, b)
-        self.kv.set(kv_used, {"model": self.model, "state": "used"})
-        self.kv.set(kv_capacity, {"model": self.model, "state": "capacity"})
+        self.running.set(s.num_running, b)
+        self.waiting.set(s.num_waiting, b)
+        self.kv.set(s.kv_used_bytes, {"model": self.model, "state": "used"})
+        self.kv.set(s.kv_capacity_bytes, {"model": self.model, "state": "capacity"})
+        for state, pages in (
+            ("used", s.kv_pages_used),
+            ("reserved", s.kv_pages_reserved),
+            ("capacity", s.kv_pages_capacity),
+        ):
+            self.kv_pages.set(pages, {"model": self.model, "state": state})
+        for i, (counter, total) in enumerate(
+            ((self.preemptions, s.preemptions_total), (self.recomputed_tokens, s.recomputed_tokens_total))
+        ):
+            if total > self._totals[i]:
+                counter.inc(total - self._totals[i], b)
+            self._totals[i] = total  # a smaller total: a new engine, counting from 0 again
         self._update_memory()
 
     def _update_memory(self, force: bool = False) -> None:

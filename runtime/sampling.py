@@ -12,7 +12,7 @@ Filtering order (as in HF and vLLM): logit bias and presence / frequency
 penalties (`LogitAdjust`), then temperature, then top-k, then top-p on the
 renormalised distribution, always keeping at least the most likely token.
 
-No accepted input can make a draw fail. Validation (runtime/engine.py)
+No accepted input can make a draw fail. Validation (runtime/validation.py)
 bounds every field; a temperature below `GREEDY_BELOW_TEMPERATURE` is
 sampled as its limit, greedy (dividing float32 logits by 1e-45 gives inf and
 NaN probabilities); top-p always keeps the most likely token, so a top_p that

@@ -13,7 +13,8 @@ Queues. A sequence is WAITING (in its client's queue; `add` raises
 `OverloadedError` when `max_waiting` sequences wait in total or
 `max_waiting_per_client` wait for that client, so overload is rejected at the
 edge instead of growing latency without bound), then RUNNING (holds its KV
-reservation), then FINISHED (gone from every queue, KV released).
+reservation; with pages on demand it may be preempted back to WAITING),
+then FINISHED (gone from every queue, KV released).
 
 Fair admission across clients. Every sequence belongs to a client
 (`Sequence.client_id`: the OpenAI `user`, gRPC metadata, "" when anonymous).
@@ -32,7 +33,9 @@ rotation and forgets its deficit (no credit hoarding while idle).
 Admission (start of `schedule`). The next sequence in that order is admitted
 while (a) fewer than `max_batch_size` sequences run and (b) the KV pool has
 the pages for its whole reservation: `steps x (prompt + max_tokens)` tokens
-(`PagedKVCache.pages_needed`). Reserving the whole request up front means a
+(`PageAllocator.pages_needed`), plus `draft_steps x (prompt + max_tokens)`
+under `Sequence.draft_key` for a sequence that may speculate (its draft's own
+KV entries; runtime/speculation.py). Reserving the whole request up front means a
 running sequence can never run out of KV mid-generation, so there is no
 preemption and no recomputation. If the chosen sequence does not fit,
 admission stops for this iteration: nobody overtakes it (no head-of-line
@@ -58,6 +61,43 @@ token id or at `max_tokens`; the engine may also finish one on a stop string
 at once, so the pages are free for the admission at the start of the very next
 iteration. New requests join between iterations (`add` at any time; they are
 admitted by the next `schedule`).
+
+KV pages on demand (`allocation="on_demand"`; "reserve" is the policy above).
+Reserving `prompt + max_tokens` up front leaves most of the pool idle when
+clients send large `max_tokens` and stop early, so, as vLLM does, a request
+can instead hold only what it has cached:
+
+- Admission takes the pages of its prefill: `steps x (prompt + produced)`
+  tokens (`Sequence.prefill_pages`; plus the same at `draft_steps` for a
+  sequence that may speculate), and only while `watermark x num_pages` pages
+  stay free afterwards (unless nothing runs), so running requests have room
+  to grow. DRR still charges `reserved_tokens`, and nobody overtakes.
+- Growth: at the start of each `schedule`, every decoding sequence gets the
+  pages its next decode writes (`Sequence.decode_capacity`: the fed token,
+  plus `MAX_DRAFT_TOKENS` for a speculating one, capped at its reservation),
+  so it takes one page per step (and per draft step) each time it crosses a
+  page boundary (`PageAllocator.grow`).
+- Preemption by recompute when the pool runs dry: sequences are served most
+  important first (lower `priority`, then earlier admission) and, while one
+  cannot grow, the least important one left (highest `priority` value, most
+  recently admitted; possibly itself) is preempted: its KV (and its draft's)
+  is freed, `num_cached` drops to 0 and it waits again, keeping its
+  `output_ids`, at the front: its original place in its client's queue
+  (ahead of everything that arrived after it), its client's turn first,
+  its admission's cost refunded to its client's deficit. Readmitted, it
+  prefills prompt + produced tokens in one forward (`next_input`), whose
+  sampled token is the next one, so its stream goes on with no duplicate or
+  missing token (greedy output is the unpreempted one). An iteration that
+  preempted admits nobody, so a victim is not readmitted into the same
+  shortage. Priority thus also orders who keeps KV, and a preempted
+  request's client loses neither its share nor its place.
+- Bound: a sequence may be preempted `max_preemptions` times; chosen once
+  more, it finishes instead (reason "cancelled", listed in
+  `SchedulerOutput.failed`; the engine fails it with an error naming the
+  cause), so a request cannot be recomputed without end. A request that fits
+  the pool alone (the engine's check) always finishes while it runs alone.
+- `num_preemptions` and `recomputed_tokens` (tokens fed by recompute
+  prefills) count the cost; `kv_pages_used` is the pages holding tokens.
 """
 
 from __future__ import annotations
@@ -65,13 +105,17 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
-from runtime.types import FinishReason, OverloadedError
+from runtime.types import MAX_DRAFT_TOKENS, FinishReason, OverloadedError
+
+KVAllocation = Literal["reserve", "on_demand"]
+KV_ALLOCATIONS: tuple[str, ...] = ("reserve", "on_demand")
 
 
 class SequenceStatus(enum.Enum):
@@ -96,9 +140,13 @@ class Sequence:
         num_cached: tokens whose keys/values are in the KV cache.
         status: where the sequence is.
         finish_reason: set when finished.
-        admitted_time: `time.monotonic()` of admission.
+        admitted_time: `time.monotonic()` of its first admission (a
+            preempted sequence's readmission keeps it).
         client_id: the client that sent it (fair admission).
         priority: order within its client's queue, lower first.
+        draft_steps: steps of its speculative draft's own KV entries, reserved
+            next to its own (`draft_key`); 0 = it never speculates.
+        preemptions: times it was preempted (its KV freed, to be recomputed).
     """
 
     request_id: str
@@ -115,6 +163,8 @@ class Sequence:
     admitted_time: float | None = None
     client_id: str = ""
     priority: int = 0
+    draft_steps: int = 0
+    preemptions: int = 0
     _order: tuple[int, int] = (0, 0)  # (priority, arrival number): the client-queue key
 
     @property
@@ -123,27 +173,65 @@ class Sequence:
         return len(self.prompt_ids) + self.max_tokens
 
     @property
+    def draft_key(self) -> tuple[str, str]:
+        """The allocator id of the draft's KV reservation (a tuple: no request id can equal it)."""
+        return (self.request_id, "draft")
+
+    def pages_needed(self, kv: KVAllocator) -> int:
+        """Pages of the whole reservation: the request's steps plus its draft's."""
+        need = kv.pages_needed(self.steps, self.reserved_tokens)
+        if self.draft_steps:
+            need += kv.pages_needed(self.draft_steps, self.reserved_tokens)
+        return need
+
+    @property
+    def cached_after_prefill(self) -> int:
+        """Tokens its (re)prefill caches: the prompt plus every token already produced."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def prefill_pages(self, kv: KVAllocator) -> int:
+        """Pages on-demand admission takes: its (re)prefill's tokens at its steps and its draft's."""
+        tokens = self.cached_after_prefill
+        need = kv.pages_needed(self.steps, tokens)
+        if self.draft_steps:
+            need += kv.pages_needed(self.draft_steps, tokens)
+        return need
+
+    def decode_capacity(self) -> int:
+        """Tokens its KV must hold before its next decode: the fed token, plus the
+        `MAX_DRAFT_TOKENS` a speculative round may verify, never past the reservation."""
+        lookahead = MAX_DRAFT_TOKENS if self.draft_steps else 0
+        return min(self.reserved_tokens, self.num_cached + 1 + lookahead)
+
+    @property
     def is_prefilled(self) -> bool:
         return self.num_cached > 0
 
     def next_input(self) -> tuple[list[int], int]:
         """Token ids to feed next and the position of the first of them.
 
-        Prefill feeds the whole prompt at position 0; decode feeds the last
-        generated token at the position right after the cached ones.
+        Prefill feeds the whole prompt at position 0 (after a preemption, the
+        prompt and every token produced so far: the recompute); decode feeds
+        the last generated token at the position right after the cached ones.
         """
         if not self.is_prefilled:
-            return self.prompt_ids, 0
+            return (self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids), 0
         return [self.output_ids[-1]], self.num_cached
 
 
 class KVAllocator(Protocol):
-    """The part of `models.kv_cache.PagedKVCache` the scheduler uses."""
+    """The part of `models.kv_cache.PageAllocator` the scheduler uses."""
+
+    num_pages: int
 
     @property
     def free_pages(self) -> int: ...
 
     def pages_needed(self, steps: int, tokens: int) -> int: ...
+
+    def grow_pages(self, seq_id: object, tokens: int) -> int: ...
+
+    def grow(self, seq_id: object, tokens: int) -> int: ...
 
     def reserve(self, seq_id: object, steps: int, tokens: int) -> None: ...
 
@@ -155,12 +243,21 @@ class SchedulerOutput:
     """What one iteration runs.
 
     Attributes:
-        prefill: sequences admitted this iteration; their prompts are run.
+        prefill: sequences admitted this iteration; their prompts are run
+            (a preempted sequence's prompt and produced tokens: the recompute).
         decode: sequences that feed their last token (T = 1).
+        preempted: sequences preempted this iteration (KV freed, waiting
+            again at the front, to be recomputed); the caller resets any
+            state kept next to their KV (a draft's length pointer).
+        failed: sequences finished this iteration because they were chosen
+            for preemption more than `max_preemptions` times (their reason
+            is "cancelled"; the caller reports the error to the client).
     """
 
     prefill: list[Sequence] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -182,17 +279,27 @@ class Scheduler:
         max_prefills: int = 8,
         max_waiting_per_client: int | None = None,
         quantum: int = 256,
+        allocation: KVAllocation = "reserve",
+        watermark: float = 0.05,
+        max_preemptions: int = 8,
     ) -> None:
         """Create a scheduler.
 
         Args:
-            kv: the KV page allocator (a `PagedKVCache`).
+            kv: the KV page allocator (the runner's `PageAllocator`).
             max_batch_size: most sequences running (holding KV) at once.
             max_waiting: most sequences waiting; more raise `OverloadedError`.
             max_prefills: most sequences admitted (prefilled) per iteration.
             max_waiting_per_client: most sequences waiting per client (None =
                 `max_waiting`).
             quantum: tokens a client earns per turn of the deficit round robin.
+            allocation: "reserve" (a request's whole KV at admission, never
+                preempted) or "on_demand" (pages as it grows, preemption by
+                recompute when the pool runs dry); module docstring.
+            watermark: fraction of the pool on-demand admission leaves free
+                while anything runs, for running requests to grow into.
+            max_preemptions: times one request may be preempted; chosen once
+                more, it fails instead (`SchedulerOutput.failed`).
         """
         per_client = max_waiting if max_waiting_per_client is None else max_waiting_per_client
         for name, value in (
@@ -204,7 +311,18 @@ class Scheduler:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if allocation not in KV_ALLOCATIONS:
+            raise ValueError(f"allocation={allocation!r}: must be one of {KV_ALLOCATIONS}")
+        if not isinstance(watermark, (int, float)) or isinstance(watermark, bool) or not 0 <= watermark < 1:
+            raise ValueError(f"watermark={watermark!r}: must be a fraction in [0, 1)")
+        if not isinstance(max_preemptions, int) or isinstance(max_preemptions, bool) or max_preemptions < 0:
+            raise ValueError(f"max_preemptions={max_preemptions!r}: must be an integer >= 0")
         self.kv = kv
+        self.allocation: KVAllocation = allocation
+        self.watermark_pages = math.ceil(watermark * kv.num_pages)
+        self.max_preemptions = max_preemptions
+        self.num_preemptions = 0  # preemptions so far (metrics)
+        self.recomputed_tokens = 0  # tokens fed again by recompute prefills so far (metrics)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.max_prefills = max_prefills
@@ -231,6 +349,18 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def kv_pages_used(self) -> int:
+        """Pages holding cached tokens (the rest of the allocated pages are reserved ahead)."""
+        kv = self.kv
+        used = 0
+        for seq in self.running:
+            if seq.num_cached:
+                used += kv.pages_needed(seq.steps, seq.num_cached)
+                if seq.draft_steps:
+                    used += kv.pages_needed(seq.draft_steps, seq.num_cached)
+        return used
 
     def num_waiting_for(self, client_id: str) -> int:
         """Sequences waiting for one client."""
@@ -297,6 +427,11 @@ class Scheduler:
         # Everything already running and prefilled decodes; listed before
         # admission so that admitted sequences are not decoded before prefill.
         out = SchedulerOutput(decode=[s for s in self.running if s.is_prefilled])
+        on_demand = self.allocation == "on_demand"
+        if on_demand:
+            self._grow(out)
+            if out.preempted or out.failed:
+                return out  # the pool ran dry: admit nobody until running requests shrink it
         now = time.monotonic()
         while (
             self._num_waiting
@@ -304,16 +439,86 @@ class Scheduler:
             and len(out.prefill) < self.max_prefills
         ):
             head = self._next_candidate()
-            if self.kv.pages_needed(head.steps, head.reserved_tokens) > self.kv.free_pages:
-                break  # nobody overtakes the chosen sequence
-            self.kv.reserve(head.request_id, head.steps, head.reserved_tokens)
+            if on_demand:
+                tokens = head.cached_after_prefill
+                floor = self.watermark_pages if self.running else 0
+                if head.prefill_pages(self.kv) + floor > self.kv.free_pages:
+                    break  # nobody overtakes the chosen sequence
+            else:
+                tokens = head.reserved_tokens
+                if head.pages_needed(self.kv) > self.kv.free_pages:
+                    break  # nobody overtakes the chosen sequence
+            self.kv.reserve(head.request_id, head.steps, tokens)
+            if head.draft_steps:
+                self.kv.reserve(head.draft_key, head.draft_steps, tokens)
+            if head.output_ids:
+                self.recomputed_tokens += tokens
             self._deficit[head.client_id] -= head.reserved_tokens
             self._remove_waiting(head)
             head.status = SequenceStatus.RUNNING
-            head.admitted_time = now
+            if head.admitted_time is None:  # a recompute keeps the first: queue time is arrival to it
+                head.admitted_time = now
             self.running.append(head)
             out.prefill.append(head)
         return out
+
+    def _grow(self, out: SchedulerOutput) -> None:
+        """On demand: give each decoding sequence the pages its next decode writes,
+        preempting the least important running sequences when the pool runs dry."""
+        # Most important first: lower priority value, then earlier admission
+        # (`running` is in admission order); victims are taken from the end.
+        order = sorted(range(len(self.running)), key=lambda i: (self.running[i].priority, i))
+        ranked = [self.running[i] for i in order]
+        gone: set[int] = set()
+        kv = self.kv
+        for seq in ranked:
+            if id(seq) in gone or not seq.is_prefilled:
+                continue
+            tokens = seq.decode_capacity()
+            while True:
+                need = kv.grow_pages(seq.request_id, tokens)
+                if seq.draft_steps:
+                    need += kv.grow_pages(seq.draft_key, tokens)
+                if need <= kv.free_pages:
+                    break
+                victim = next(v for v in reversed(ranked) if id(v) not in gone)
+                gone.add(id(victim))
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if id(seq) not in gone:
+                kv.grow(seq.request_id, tokens)
+                if seq.draft_steps:
+                    kv.grow(seq.draft_key, tokens)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Free a running sequence's KV and queue it again at the front, keeping its
+        tokens (or fail it, past `max_preemptions`)."""
+        if seq in out.decode:
+            out.decode.remove(seq)
+        if seq.preemptions >= self.max_preemptions:
+            self.finish(seq.request_id, "cancelled")
+            out.failed.append(seq)
+            return
+        self.running.remove(seq)
+        self.kv.release(seq.request_id)
+        self.kv.release(seq.draft_key)
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        seq.num_cached = 0
+        seq.status = SequenceStatus.WAITING
+        client = seq.client_id
+        queue = self._queues.get(client)
+        if queue is None:
+            queue = self._queues[client] = []
+            self._deficit[client] = 0
+        else:
+            self._turns.remove(client)
+        self._turns.appendleft(client)  # its client's turn comes first
+        self._deficit[client] += seq.reserved_tokens  # the refund of its admission's cost
+        bisect.insort(queue, seq, key=lambda q: q._order)  # its original place: ahead of later arrivals
+        self._num_waiting += 1
+        out.preempted.append(seq)
 
     def update(self, output: SchedulerOutput, tokens: Mapping[str, int]) -> list[Sequence]:
         """Record the tokens sampled for `output`'s rows.
@@ -334,18 +539,31 @@ class Scheduler:
         for seq in output.sequences:
             if seq.status is not SequenceStatus.RUNNING or seq.request_id not in tokens:
                 continue
-            token = int(tokens[seq.request_id])
-            fed, _ = seq.next_input()
-            seq.num_cached += len(fed)
-            seq.output_ids.append(token)
-            if token in seq.stop_token_ids:
-                self.finish(seq.request_id, "stop")
-            elif len(seq.output_ids) >= seq.max_tokens:
-                self.finish(seq.request_id, "length")
-            else:
-                continue
-            finished.append(seq)
+            if self.commit(seq, int(tokens[seq.request_id]), len(seq.next_input()[0])):
+                finished.append(seq)
         return finished
+
+    def commit(self, seq: Sequence, token: int, cached: int = 1) -> bool:
+        """Append one token to a running sequence whose cache grew by `cached` tokens.
+
+        A speculative round commits several tokens, one call each (the
+        first with the round's fed token, the others with 1: each accepted
+        draft was cached by the verification), so a stop token or
+        `max_tokens` ends the sequence exactly where decoding one token at a
+        time would have.
+
+        Returns:
+            Whether the sequence finished (its KV is released).
+        """
+        seq.num_cached += cached
+        seq.output_ids.append(token)
+        if token in seq.stop_token_ids:
+            self.finish(seq.request_id, "stop")
+        elif len(seq.output_ids) >= seq.max_tokens:
+            self.finish(seq.request_id, "length")
+        else:
+            return False
+        return True
 
     # --- leaving -------------------------------------------------------------
     def finish(self, request_id: str, reason: FinishReason) -> Sequence | None:
@@ -362,6 +580,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.kv.release(seq.request_id)
+            self.kv.release(seq.draft_key)  # a no-op when it holds none
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         return seq

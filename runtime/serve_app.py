@@ -44,9 +44,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime import grpc_servicer as conv
-from runtime import openai_http
+from runtime import openai_chat, openai_http, openai_schema
+from runtime.backends import serve_dtype
 from runtime.engine import Engine, EngineConfig
 from runtime.proto_build import HEALTH_SERVICER_FUNCTION, SERVICER_FUNCTION, load_stubs
+from runtime.settings import CompileSpec
 from runtime.types import ComputeParams, GenerationRequest, RequestOutput, UnauthenticatedError
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ class ServeArgs:
         model_dir: model directory (default: the demo model models/zoo/ode-tiny).
         backend: "torch" or "onnx".
         device: torch device of the torch backend.
+        dtype: "float32" or "bfloat16": weights and KV pool of the torch backend (bfloat16
+            holds twice the tokens in the same `kv_cache_bytes`).
         compile: torch backend only: run decode steps as AOTInductor-compiled
             graphs (runtime/backends/aot_decode.py; compiled on first use,
             cached in $LEANSERVE_CACHE or ~/.cache/leanserve).
@@ -102,6 +106,7 @@ class ServeArgs:
     model_dir: str | None = None
     backend: str = "torch"
     device: str = "cpu"
+    dtype: str = "float32"
     compile: bool = False
     compile_steps: list[int] | str | None = None
     threads: int | None = None
@@ -113,6 +118,14 @@ class ServeArgs:
     engine: dict[str, Any] = field(default_factory=dict)
     deployment: dict[str, Any] = field(default_factory=dict)
     api_key: str | None = None
+    served_model_name: str | None = None
+    """The model name clients send and /v1/models and GetModelInfo list (vLLM's
+    --served-model-name); None = config.json's name."""
+
+    @property
+    def compile_spec(self) -> CompileSpec | None:
+        """`compile` and `compile_steps` as the one typed setting the engine takes (None = eager)."""
+        return CompileSpec.parse(self.compile_steps) if self.compile else None
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "ServeArgs":
@@ -142,14 +155,13 @@ class ServeArgs:
             raise ValueError(f"compile={out.compile!r} must be true or false")
         if out.compile and out.backend != "torch":
             raise ValueError(f"compile=true needs backend=torch (got backend={out.backend!r})")
-        steps = out.compile_steps
-        if steps is not None:
+        serve_dtype(out.dtype)  # raises ValueError naming dtype
+        if out.dtype != "float32" and out.backend != "torch":
+            raise ValueError(f"dtype={out.dtype!r} needs backend=torch (the ONNX export is float32)")
+        if out.compile_steps is not None:
             if not out.compile:
                 raise ValueError("compile_steps: needs compile=true")
-            if steps != "all" and not (
-                isinstance(steps, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in steps)
-            ):
-                raise ValueError(f"compile_steps={steps!r}: must be 'all' or a list of step counts")
+            CompileSpec.parse(out.compile_steps)  # raises ValueError naming compile_steps
         if out.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s={out.startup_timeout_s} must be > 0")
         if not isinstance(out.stream_interval, int) or out.stream_interval < 1:
@@ -201,7 +213,7 @@ async def _require_api_key(request: Request, call_next: Any) -> Any:
 # --- HTTP: bounded bodies and OpenAI-shaped errors on every route -------------------
 # Registered before `@serve.ingress(app)` below: it freezes (pickles) the app.
 _PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed in a thread, off the event loop
-_HTTP_ROUTES = "POST /v1/completions, GET /v1/models, GET /healthz, GET /stats"
+_HTTP_ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /stats"
 
 
 def _openai_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:
@@ -297,17 +309,21 @@ class LeanServer:
             import torch
 
             torch.set_num_threads(a.threads)
-        kwargs: dict[str, Any] = {}
-        if a.backend == "torch":
-            kwargs = {"device": a.device, "compile": a.compile}
-            if a.compile_steps is not None:
-                kwargs["compile_steps"] = a.compile_steps
         # Loading reads weights from disk: keep the replica's event loop free meanwhile.
         engine = await asyncio.to_thread(
-            Engine.from_model_dir, model_dir, EngineConfig(**a.engine), a.backend, **kwargs
+            Engine.from_model_dir,
+            model_dir,
+            EngineConfig(**a.engine),
+            a.backend,
+            a.compile_spec,
+            a.device,
+            a.dtype,
         )
+        # The chat template and the profile's timings, read once (a bad template fails the start).
+        self.extras = await asyncio.to_thread(openai_schema.ModelExtras.load, model_dir, engine.tokenizer)
         await engine.start()
-        self.metrics = EngineMetrics(engine.model_config.name, RayMetrics(), a.device)
+        served = a.served_model_name or engine.model_config.name
+        self.metrics = EngineMetrics(served, RayMetrics(), a.device)
         # Warm-up: one short request, so the first user request does not pay one-off costs.
         lo, _ = engine.model_config.step_range
         warm = GenerationRequest("warmup", prompt="Hello", compute=ComputeParams(steps=lo))
@@ -315,7 +331,7 @@ class LeanServer:
         await engine.generate(warm)
         engine.stats_callbacks.append(self.metrics)  # after warm-up: it is not a user request
         self.engine = engine
-        self.model_name = engine.model_config.name
+        self.model_name = served
         self.ready = True
         log.info("leanserve replica ready: model %s from %s", self.model_name, model_dir)
 
@@ -336,7 +352,7 @@ class LeanServer:
 
     async def __del__(self) -> None:
         """Replica shutdown, also the drain `leanserve serve` broadcasts on SIGTERM
-        (runtime/serve_cli.py `drain_app`): the engine refuses new requests (UNAVAILABLE / 503)
+        (runtime/serve_local.py `drain_app`): the engine refuses new requests (UNAVAILABLE / 503)
         and finishes the accepted ones for up to `graceful_shutdown_timeout_s`, then fails the
         rest. Idempotent: Ray calls it again when it stops the replica."""
         refresher = getattr(self, "_refresher", None)
@@ -354,10 +370,7 @@ class LeanServer:
     async def _submit_grpc(self, request: Any, grpc_context: Any) -> AsyncIterator[RequestOutput]:
         """Authorise, convert and submit a GenerateRequest (the key and limits before any work)."""
         self._authorize(conv.authorization_from_metadata(grpc_context))
-        req = conv.to_engine_request(
-            request, conv.timeout_ms_from_metadata(grpc_context), conv.client_from_metadata(grpc_context)
-        )
-        return await self._engine().submit_async(req)
+        return await conv.submit_generate(self._engine(), request, grpc_context, self.extras.chat_template)
 
     async def Generate(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 (RPC name)
         """Unary RPC: run to completion and return the whole text.
@@ -396,7 +409,9 @@ class LeanServer:
         """Unary RPC: describe the served model."""
         try:
             self._authorize(conv.authorization_from_metadata(grpc_context))
-            return conv.model_info(self.pb2, self._engine())
+            info = conv.model_info(self.pb2, self._engine(), **self.extras.options())
+            info.name = self.model_name
+            return info
         except Exception as e:
             conv.abort(grpc_context, e)
 
@@ -454,7 +469,7 @@ class LeanServer:
         return self.engine
 
     # --- HTTP: OpenAI-compatible routes and probes -----------------------------------
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openai_schema.COMPLETIONS_OPENAPI)
     async def completions(self, request: Request) -> Any:
         """OpenAI `POST /v1/completions`, streaming (SSE) or not (runtime/openai_http.py)."""
         try:
@@ -471,12 +486,30 @@ class LeanServer:
         events = openai_http.sse_events(engine, plan, streams, self.model_name)
         return StreamingResponse(events, media_type="text/event-stream")
 
+    @app.post("/v1/chat/completions", openapi_extra=openai_schema.CHAT_OPENAPI)
+    async def chat_completions(self, request: Request) -> Any:
+        """OpenAI `POST /v1/chat/completions`: the model's chat template rendered over
+        `messages`, streaming (SSE) or not (runtime/openai_chat.py)."""
+        try:
+            engine = self._engine()
+            body = await _read_json(request)
+            client = request.client.host if request.client is not None else ""
+            template = self.extras.chat_template
+            result = await openai_chat.start_chat(engine, template, body, self.model_name, client)
+        except Exception as e:
+            return _error_response(e)
+        if isinstance(result, dict):
+            return _openai_response(200, result)
+        return StreamingResponse(result, media_type="text/event-stream")
+
     @app.get("/v1/models")
     async def models(self) -> Any:
         """OpenAI `GET /v1/models`."""
         if not self.ready:
             return _error_response(conv.EngineUnavailableError("model is still loading"))
-        return _openai_response(200, openai_http.models_list(self.model_name, self.created))
+        extras = self.extras.options()
+        listing = openai_schema.models_list(self.model_name, self.created, self.engine, **extras)
+        return _openai_response(200, listing)
 
     @app.get("/healthz")
     async def healthz(self) -> Any:
@@ -515,7 +548,7 @@ def deployment_options(parsed: ServeArgs) -> dict[str, Any]:
     options.setdefault("max_ongoing_requests", engine.max_batch_size + engine.max_waiting)
     # One drain bound for Ray's replica stop and the engine's drain in __del__ (Ray's default
     # is also 20 s; `leanserve serve --graceful-shutdown-timeout` / the config's deployment set it).
-    from runtime.serve_cli import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S  # standard library only
+    from runtime.serve_config import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S  # standard library only
 
     options.setdefault("graceful_shutdown_timeout_s", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S)
     # Ray re-checks a stopping replica's ongoing requests this often (default 2 s): a drained

@@ -50,6 +50,9 @@ class SamplingParams:
             (OpenAI's `logprobs`, at most `MAX_LOGPROBS`). Log-probabilities
             are of the distribution the token was drawn from after
             penalties and bias, before temperature and top-k / top-p.
+        truncate_prompt_tokens: keep only the last N prompt tokens, in
+            [1, context_length] (vLLM's field); None = a prompt that does not
+            fit is refused, naming `prompt`.
     """
 
     max_tokens: int = 16
@@ -64,6 +67,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
 
 
 MAX_LOGPROBS = 20  # OpenAI's bound for completions' `logprobs`
@@ -81,6 +85,12 @@ class ComputeParams:
             passes the gRPC deadline here).
         experts_top_k: experts per token (MoE models only).
         expert_depth: tree truncation depth (tree-FFN models only).
+        draft_steps: self-speculative decoding (runtime/speculation.py): draft
+            with this many Euler steps of the same weights and verify with the
+            request's steps, in [model min_steps, steps - 1]; 0 = off; None =
+            the server's default (`EngineConfig.draft_steps`).
+        draft_tokens: tokens drafted per round, in [1, `MAX_DRAFT_TOKENS`];
+            None = the server's default (`EngineConfig.draft_tokens`).
     """
 
     steps: int | None = None
@@ -88,6 +98,11 @@ class ComputeParams:
     latency_budget_ms: float | None = None
     experts_top_k: int | None = None
     expert_depth: int | None = None
+    draft_steps: int | None = None
+    draft_tokens: int | None = None
+
+
+MAX_DRAFT_TOKENS = 8  # draft_tokens' bound: a round's verification forward holds draft_tokens + 1 tokens
 
 
 @dataclass
@@ -159,6 +174,8 @@ class RequestOutput:
         total_s: seconds from arrival to this output.
         logprobs: one entry per id in `token_ids` when the request asked for
             log-probabilities, else None.
+        speculation: the request's speculative decoding so far (None: it
+            never speculated); see `SpecReport`.
     """
 
     request_id: str
@@ -175,6 +192,39 @@ class RequestOutput:
     first_token_s: float | None = None
     total_s: float | None = None
     logprobs: list[TokenLogprob] | None = None
+    speculation: SpecReport | None = None
+
+
+@dataclass
+class SpecReport:
+    """What self-speculative decoding did for one request (runtime/speculation.py).
+
+    Attributes:
+        draft_steps: Euler steps of the draft ("auto" may lower or stop it; the last used).
+        draft_tokens: tokens drafted per round (the last setting used).
+        rounds: draft-and-verify rounds run.
+        drafted_tokens: tokens the draft proposed.
+        accepted_tokens: drafted tokens the verification kept.
+        mode: "explicit" (the request's fields), "default" (the server's fixed
+            setting) or "auto" (the server's adaptive setting).
+    """
+
+    draft_steps: int
+    draft_tokens: int
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    mode: str = "explicit"
+
+    @property
+    def ran(self) -> bool:
+        """Whether at least one round ran."""
+        return self.rounds > 0
+
+    @property
+    def acceptance(self) -> float | None:
+        """accepted / drafted, or None before any draft."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
 
 # ----------------------------------------------------------------------------
@@ -261,8 +311,11 @@ class RequestStats:
         policy_reason: why the steps were chosen.
         prompt_tokens: prompt length.
         generated_tokens: tokens generated.
+        predicted_s: the step policy's prediction of `total_s` when it chose
+            the steps (None when it made none), for the prediction-error metric.
         finish_reason: "stop", "length", "cancelled", or "deadline"/"error"
             for requests that failed.
+        speculation: the request's speculative decoding (None: it never speculated).
     """
 
     request_id: str
@@ -276,6 +329,8 @@ class RequestStats:
     prompt_tokens: int
     generated_tokens: int
     finish_reason: str
+    predicted_s: float | None = None
+    speculation: SpecReport | None = None
 
 
 @dataclass
@@ -294,6 +349,15 @@ class IterationStats:
         num_waiting: requests waiting for admission after the iteration.
         num_running: requests holding KV after the iteration.
         duration_s: wall time of the iteration's model work.
+        speculation: (draft_steps, mode) -> (drafted, accepted) tokens of
+            this iteration's speculative rounds (empty when none ran).
+        num_speculating: rows that ran a speculative round.
+        kv_pages_used: KV pages holding cached tokens after the iteration.
+        kv_pages_reserved: KV pages allocated to requests after the iteration
+            (more than used: the rest of a reservation, or a page being filled).
+        kv_pages_capacity: allocatable KV pages in the pool.
+        preemptions_total: requests preempted since start (KV on demand).
+        recomputed_tokens_total: tokens fed again by recompute prefills since start.
     """
 
     batch_size: int
@@ -306,6 +370,13 @@ class IterationStats:
     num_waiting: int
     num_running: int
     duration_s: float
+    speculation: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    num_speculating: int = 0
+    kv_pages_used: int = 0
+    kv_pages_reserved: int = 0
+    kv_pages_capacity: int = 0
+    preemptions_total: int = 0
+    recomputed_tokens_total: int = 0
 
 
 @dataclass
@@ -327,6 +398,13 @@ class EngineStats:
         default_steps: the step count the default policy currently gives.
         slo: the SLO controller's decision, inputs and predictions
             (`SLOController.snapshot`); None without a controller.
+        policy: the step policy's state (`StepPolicy.snapshot`: its cost
+            model's online terms and prediction error).
+        kv_pages_used: KV pages holding cached tokens.
+        kv_pages_reserved: KV pages allocated to requests.
+        kv_pages_capacity: allocatable KV pages in the pool.
+        preemptions_total: requests preempted since start (KV on demand).
+        recomputed_tokens_total: tokens fed again by recompute prefills since start.
     """
 
     state: str
@@ -342,3 +420,9 @@ class EngineStats:
     tokens_generated: int
     default_steps: int
     slo: dict[str, Any] | None = None
+    policy: dict[str, Any] | None = None
+    kv_pages_used: int = 0
+    kv_pages_reserved: int = 0
+    kv_pages_capacity: int = 0
+    preemptions_total: int = 0
+    recomputed_tokens_total: int = 0

@@ -67,6 +67,16 @@ def req(
     )
 
 
+def mixed_step_requests() -> list[GenerationRequest]:
+    """Three greedy requests at 2, 6 (one expert) and 4 steps, of 10, 14 and 7 tokens: the
+    tiny models' mix of a whole-decode graph (2) and block-by-block rows in one batch."""
+    return [
+        req("a", steps=2, max_tokens=10),
+        req("b", prompt="In the beginning", steps=6, max_tokens=14, experts_top_k=1),
+        req("c", prompt="every row", steps=4, max_tokens=7),
+    ]
+
+
 async def collect(stream) -> tuple[str, list[int], RequestOutput]:
     """Drain an engine stream: (joined text, token ids, last output)."""
     text, ids, last = [], [], None
@@ -111,7 +121,7 @@ def local_serve(
         The ports: {"grpc", "http", "metrics"}.
     """
     from runtime.serve_app import deploy
-    from runtime.serve_cli import start_local, stop_local
+    from runtime.serve_local import start_local, stop_local
 
     ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
     temp = Path("/tmp") / f"{prefix}-{ports['grpc']}"  # short: Ray's socket paths have a length limit
@@ -125,3 +135,24 @@ def local_serve(
     finally:
         stop_local()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def model_call(backend: Any) -> Callable[..., Any]:
+    """A backend called with `LeanLM.forward`'s arguments (described and checked by
+    `models.trunk.describe`), so tests compare backends with the model call for call."""
+    from models.trunk import describe
+
+    def call(
+        tokens: Any,
+        positions: Any = None,
+        steps: Any = None,
+        kv: Any = None,
+        experts: Any = None,
+        last_only: bool = False,
+        last_index: Any = None,
+    ) -> Any:
+        return backend.forward(
+            describe(backend.config, tokens, positions, steps, kv, experts, last_only, last_index)
+        )
+
+    return call

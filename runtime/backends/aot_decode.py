@@ -16,20 +16,22 @@ from the paged pool to the new residual stream:
     row is read through its page table, visible iff j < the row's position;
     the new key is always visible
 
-The loop around it stays in Python (`models.model.run_trunk` with
-`reads_pool=True`): per-row step counts, which rows run which block at step
-i, the step size h, and the scatter of all steps' new keys and values into
-the pages (one write after the last step). So one compiled artifact
+The loop around it stays in Python (`models.trunk.run_forward` with
+`CompiledExecutor` below): per-row step counts, which rows run which block at
+step i, the step size h, and the scatter of all steps' new keys and values
+into the pages (one write after the last step). So one compiled artifact
 serves every step count, batch size and cache length: rows R and pages P are
 symbolic (`torch.export.Dim`), and the weights are graph *inputs*, so the
 blocks of one structure (same parameter names and shapes) share one artifact,
 and a retrained model of the same architecture reuses it.
 
 Whole-decode graphs: for chosen step counts N (`graph_steps`) the entire
-decode forward of rows that all run N steps is one more artifact,
+decode forward of rows that all run N steps is one more artifact: the trunk
+loop itself, `models.trunk.run_forward` with `models.executors.PoolExecutor`,
+traced for a batch whose rows all run N steps (`_WholeDecode`),
 
-    embed -> N block steps (the blocks `run_trunk` would pick) -> final norm
-    -> head -> logits; every step's new keys and values written into the pool
+    embed -> N block steps (the schedule's blocks) -> final norm -> head ->
+    logits; every step's new keys and values written into the pool
 
 so a token costs one native call instead of N calls and a scatter with
 Python between them. At these sizes that Python is not only its own cost: it
@@ -85,15 +87,20 @@ import torch
 from torch import Tensor, nn
 
 from models.config import ModelConfig
+from models.executors import PoolExecutor, paged_attention, pool_block
 from models.export import config_hash
 from models.ffn import FFNOut, MoEFFN
+from models.kv_cache import KVStorage
 from models.layers import Block, BlockOut
 from models.model import LeanLM
+from models.trunk import CacheView, Forward, ModelOutput, StepView, run_forward
+
+__all__ = ["CompiledDecode", "CompiledExecutor", "paged_attention"]
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "LEANSERVE_CACHE"
-ARTIFACT_FORMAT = 5
+ARTIFACT_FORMAT = 7  # 7: whole-decode graphs take the cache view (slots, windows), write the pool last
 COMPILABLE_FFNS = ("dense", "moe")
 
 
@@ -134,71 +141,48 @@ class _RoutedMoE(nn.Module):
         return FFNOut(y, counts, None)
 
 
-def paged_attention(
-    q: Tensor,
-    k_new: Tensor,
-    v_new: Tensor,
-    pool_k: Tensor,
-    pool_v: Tensor,
-    window: Tensor,
-    positions: Tensor,
-    scale: float,
-) -> tuple[Tensor, Tensor]:
-    """Decode attention straight from the paged pool (an `AttendFn` for one new token per row).
+class _Traceable(nn.Module):
+    """`module` with its weights as trailing inputs: one artifact serves every
+    module of the same structure (and a retrained model of the same shape)."""
 
-    Written as gathers feeding elementwise products and reductions rather
-    than gather -> copy -> matmul: inductor fuses each page lookup into the
-    reduction that consumes it, so the past keys and values are read once
-    from the pool and never copied into a dense (R, nh, S, hs) tensor. At
-    stack-tiny's sizes (16 rows, 48-token pasts) that is ~60 vs ~150 us per
-    block application (the gather and the copy were most of it).
+    def __init__(self, inner: nn.Module, n_inputs: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.n_inputs = n_inputs
+        self.param_names = [name for name, _ in inner.named_parameters()]
 
-    Args:
-        q, k_new, v_new: (R, nh, 1, hs) the new token's query, key and value.
-        pool_k, pool_v: (pages, page_size, nh, hs) the whole KV pool.
-        window: (R, P) page ids of the row's past (-1 = none; masked).
-        positions: (R, 1) the new token's position = the row's past length.
-        scale: softmax scale.
+    def weights(self) -> list[Tensor]:
+        """The trailing inputs, in `param_names` order."""
+        return [p.detach() for _, p in self.inner.named_parameters()]
 
-    Returns:
-        The softmax attention over [past, new] and the mean of the visible
-        values, each (R, nh, 1, hs).
-    """
-    R, P = window.shape
-    page = pool_k.shape[1]
-    pages = window.clamp(min=0)
-    past_k, past_v = pool_k[pages], pool_v[pages]  # (R, P, page, nh, hs), fused into the reductions
-    qh, kh, vh = q.squeeze(2), k_new.squeeze(2), v_new.squeeze(2)  # (R, nh, hs)
-    keys = torch.arange(P * page, device=q.device).view(1, P, page)
-    visible = (keys < positions.view(R, 1, 1))[..., None]  # (R, P, page, 1) key j < the row's past length
-    s_past = (qh[:, None, None] * past_k).sum(-1) * scale  # (R, P, page, nh)
-    s_past = s_past.masked_fill(~visible, float("-inf"))
-    s_new = (qh * kh).sum(-1) * scale  # (R, nh); the new key is always visible
-    top = torch.maximum(s_past.amax(dim=(1, 2)), s_new)  # (R, nh)
-    e_past = torch.exp(s_past - top[:, None, None])  # (R, P, page, nh); 0 where masked
-    e_new = torch.exp(s_new - top)  # (R, nh)
-    total = e_past.sum(dim=(1, 2)) + e_new  # (R, nh)
-    a = ((e_past[..., None] * past_v).sum(dim=(1, 2)) + e_new[..., None] * vh) / total[..., None]
-    # The mean's weights are read from the scores' buffer (finite = visible), not
-    # recomputed from positions: inlined into the reduction, the mask's index
-    # arithmetic made this term alone ~1.6 ms at 16 rows (vs ~40 us).
-    shown = torch.isfinite(s_past).to(q.dtype)  # (R, P, page, nh)
-    count = shown.sum(dim=(1, 2)) + 1  # (R, nh) visible keys, the new one included
-    mean = ((shown[..., None] * past_v).sum(dim=(1, 2)) + vh) / count[..., None]  # (R, nh, hs)
-    return a.unsqueeze(2), mean.unsqueeze(2)
+    def forward(self, *args: Tensor) -> Any:
+        inputs, params = args[: self.n_inputs], args[self.n_inputs :]
+        return torch.func.functional_call(self.inner, dict(zip(self.param_names, params)), inputs)
 
 
-class DecodeStep(nn.Module):
-    """One block's decode step from the paged pool; weights are inputs (see module docstring)."""
+def traceable_block(block: Block, config: ModelConfig) -> Block:
+    """A shallow copy of `block` whose FFN torch.export can trace (MoE -> `_RoutedMoE`)."""
+    blk = copy.copy(block)
+    blk._modules = dict(block._modules)  # copy.copy shares the dict; leave the model's block alone
+    if config.ffn == "moe":
+        blk._modules["ffn"] = _RoutedMoE(block.ffn)
+    return blk
+
+
+def traceable_model(model: LeanLM) -> LeanLM:
+    """A shallow copy of `model` (same parameters) with traceable blocks."""
+    m = copy.copy(model)
+    m._modules = dict(model._modules)
+    m._modules["blocks"] = nn.ModuleList(traceable_block(b, model.config) for b in model.blocks)
+    return m
+
+
+class _PoolStep(nn.Module):
+    """One block's decode step from the paged pool (`models.executors.pool_block`)."""
 
     def __init__(self, block: Block, config: ModelConfig) -> None:
         super().__init__()
-        blk = copy.copy(block)
-        blk._modules = dict(block._modules)  # copy.copy shares the dict; leave the model's block alone
-        if config.ffn == "moe":
-            blk._modules["ffn"] = _RoutedMoE(block.ffn)
-        self.block = blk
-        self.param_names = [name for name, _ in blk.named_parameters()]  # same order as block.parameters()
+        self.block = traceable_block(block, config)
         self.has_setting = config.ffn != "dense"
 
     def forward(
@@ -210,38 +194,55 @@ class DecodeStep(nn.Module):
         window: Tensor,
         positions: Tensor,
         setting: Tensor,
-        *params: Tensor,
     ) -> tuple[Tensor, ...]:
-        """One Euler step of the block for one new token per row.
+        """x (R, 1, d), h (R, 1, 1), pool (pages, page, nh, hs), window (R, P), positions (R, 1),
+        setting (R,) -> x_out (R, 1, d), k_new, v_new (R, nh, 1, hs)[, counts (E,)]."""
+        out = pool_block(
+            self.block, x, h, pool_k, pool_v, window, positions, setting if self.has_setting else None
+        )
+        return (out.x, out.k, out.v, out.counts) if self.has_setting else (out.x, out.k, out.v)
+
+
+class _WholeDecode(nn.Module):
+    """The decode forward of rows that all run `n_steps` steps: `run_forward` with `PoolExecutor`."""
+
+    def __init__(self, model: LeanLM, n_steps: int) -> None:
+        super().__init__()
+        self.model = traceable_model(model)
+        self.n_steps = n_steps
+        self.has_setting = model.config.ffn != "dense"
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        pool_k: Tensor,
+        pool_v: Tensor,
+        slots: Tensor,
+        windows: Tensor,
+        setting: Tensor,
+        head_t: Tensor,
+    ) -> tuple[Tensor, ...]:
+        """One new token per row through the whole model.
 
         Args:
-            x: (R, 1, d) residual stream; h: (R, 1, 1) step size.
-            pool_k, pool_v: (pages, page_size, nh, hs) the whole KV pool.
-            window: (R, P) page ids of the row's past (-1 = none, masked).
-            positions: (R, 1) the new token's position = the row's past length.
+            tokens, positions: (R, 1) the new token and its position (= the
+                row's past length).
+            pool_k, pool_v: (pages, page_size, nh, hs) the whole KV pool;
+                mutated: every step's new keys and values are written into it.
+            slots: (N, R, 1) the new token's flat slot at each step.
+            windows: (N, R, P) the pages each step reads (-1 = none).
             setting: (R,) experts top-k per row (ignored by a dense FFN).
-            *params: the block's parameters in `param_names` order.
+            head_t: (d, V) the output matrix laid out for the matmul.
 
         Returns:
-            x_out (R, 1, d), k_new and v_new (R, nh, 1, hs), and for MoE the
-            routed-token counts (E,).
+            logits (R, 1, V), and for MoE the routed-token counts (E,).
         """
-        scale = self.block.attn.scale
-
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            return paged_attention(q, k, v, pool_k, pool_v, window, positions, scale)
-
-        weights = dict(zip(self.param_names, params))
-        none = x.new_zeros(0)  # the past tensors and mask: `attend` reads the pool instead
-        out: BlockOut = torch.func.functional_call(
-            self.block,
-            weights,
-            (x, h, none, none, none, setting if self.has_setting else None),
-            {"attend": attend},
-        )
-        if self.has_setting:
-            return out.x, out.k, out.v, out.counts
-        return out.x, out.k, out.v
+        cache = CacheView(KVStorage(pool_k, pool_v), slots, windows)
+        experts = setting if self.has_setting else None
+        fwd = Forward(tokens, positions, (self.n_steps,), experts, cache, last_only=True, traced=True)
+        out = run_forward(PoolExecutor(self.model, head_t), self.model.config, fwd)
+        return (out.logits, out.expert_counts) if self.has_setting else (out.logits,)
 
 
 def structure_key(block: Block, config: ModelConfig, dtype: torch.dtype) -> str:
@@ -260,23 +261,28 @@ def structure_key(block: Block, config: ModelConfig, dtype: torch.dtype) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def full_setting(config: ModelConfig) -> int:
-    """The graph's `setting` when a row gives none: the trained top-k (a dense FFN ignores it)."""
-    top = config.max_expert_setting
-    return 0 if top is None else top
+def graph_key(model: LeanLM, n_steps: int, dtype: torch.dtype) -> str:
+    """Cache key of a model structure's whole-decode graph for `n_steps` steps."""
+    blocks = [structure_key(block, model.config, dtype) for block in model.blocks]
+    shapes = [(n, list(p.shape)) for n, p in model.named_parameters() if not n.startswith("blocks.")]
+    data = {"blocks": blocks, "rest": shapes, "steps": n_steps}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _example_inputs(block: Block, config: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    # Sizes avoid 0 and 1 so that torch.export keeps every dynamic axis symbolic.
-    R, P, d, page = 2, 2, config.d_model, 4
-    pool = tuple(torch.zeros(3, page, config.n_heads, config.head_dim, dtype=dtype) for _ in range(2))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(R, 1, d, generator=g, dtype=dtype)
-    h = torch.full((R, 1, 1), 0.5, dtype=dtype)
-    window = torch.zeros(R, P, dtype=torch.long)
-    positions = torch.full((R, 1), P * page - 1, dtype=torch.long)
-    setting = torch.full((R,), full_setting(config), dtype=torch.long)
-    return (x, h, *pool, window, positions, setting, *(p.detach() for p in block.parameters()))
+def head_matrix(model: LeanLM) -> Tensor:
+    """The output matrix as a contiguous (d, V) copy.
+
+    `x @ W_t` is ~30 % faster than `x @ W.t()` at decode's few rows on CPU
+    (123 vs 177 us for 16 x 128 x 4096). Costs V x d more memory (2 MB for the zoo).
+    """
+    head = model.wte.weight if model.head is None else model.head.weight
+    return head.detach().t().contiguous()
+
+
+def _full_setting(config: ModelConfig) -> int:
+    """The graphs' `setting` when a row gives none: the trained maximum (a dense FFN ignores it)."""
+    e = config.expert_setting
+    return 0 if e is None else e.default
 
 
 def _aot_compile(module: nn.Module, args: tuple[Tensor, ...], dynamic: list[Any], path: Path) -> None:
@@ -299,7 +305,7 @@ def _aot_compile(module: nn.Module, args: tuple[Tensor, ...], dynamic: list[Any]
 
 
 def _dims(config: ModelConfig) -> tuple[Any, Any, Any, Any]:
-    """Symbolic rows, past pages, pool pages and page size (`torch.export.Dim`)."""
+    """Symbolic rows, window pages, pool pages and page size (`torch.export.Dim`)."""
     from torch.export import Dim
 
     R, P = Dim("R", min=1, max=1 << 16), Dim("P", min=1, max=max(2, config.context_length))
@@ -307,150 +313,53 @@ def _dims(config: ModelConfig) -> tuple[Any, Any, Any, Any]:
     return R, P, pages, page
 
 
-def compile_step(block: Block, config: ModelConfig, dtype: torch.dtype, path: Path) -> None:
-    """Export one block's decode step with symbolic rows, pages and page size; AOT-compile it to `path`."""
-    step = DecodeStep(block, config).eval()
-    args = _example_inputs(block, config, dtype)
+# Example sizes avoid 0 and 1 so that torch.export keeps every dynamic axis symbolic.
+_R, _P, _PAGE, _POOL = 2, 2, 4, 3
+
+
+def _example_pool(config: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    shape = (_POOL, _PAGE, config.n_heads, config.head_dim)
+    return torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+
+
+def compile_step(step: _Traceable, config: ModelConfig, dtype: torch.dtype, path: Path) -> None:
+    """Export one block's decode step (`_PoolStep`) with symbolic rows, pages and page size."""
+    g = torch.Generator().manual_seed(0)
+    args = (
+        torch.randn(_R, 1, config.d_model, generator=g, dtype=dtype),  # x
+        torch.full((_R, 1, 1), 0.5, dtype=dtype),  # h
+        *_example_pool(config, dtype),
+        torch.zeros(_R, _P, dtype=torch.long),  # window
+        torch.full((_R, 1), _P * _PAGE - 1, dtype=torch.long),  # positions
+        torch.full((_R,), _full_setting(config), dtype=torch.long),  # setting
+        *step.weights(),
+    )
     R, P, pages, page = _dims(config)
     dynamic: list[Any] = [
-        {0: R},  # x
-        {0: R},  # h
-        {0: pages, 1: page},  # pool_k
-        {0: pages, 1: page},  # pool_v
-        {0: R, 1: P},  # window
-        {0: R},  # positions
-        {0: R},  # setting
+        {0: R},
+        {0: R},
+        {0: pages, 1: page},
+        {0: pages, 1: page},
+        {0: R, 1: P},
+        {0: R},
+        {0: R},
     ]
-    dynamic.append(tuple([None] * (len(args) - len(dynamic))))  # *params: weights have static shapes
-    _aot_compile(step, args, dynamic, path)
+    dynamic += [None] * (len(args) - len(dynamic))  # weights: static shapes
+    _aot_compile(step.eval(), args, [tuple(dynamic)], path)  # one entry: `_Traceable.forward(*args)`
 
 
-class DecodeGraph(nn.Module):
-    """A whole decode forward for rows that all run `n_steps` steps; weights are inputs.
-
-    embed -> the `n_steps` block steps of `run_trunk` (step i runs block
-    floor(i * n_blocks / n_steps) with h = horizon / n_steps, each a
-    `DecodeStep`) -> final norm -> head -> logits times the output
-    multiplier, as `LeanLM.forward` with `last_only` computes them for one new
-    token per row. Writes each step's new key and value into the pool (in
-    place, after every step has read its past).
-    """
-
-    def __init__(self, model: LeanLM, n_steps: int) -> None:
-        super().__init__()
-        c = model.config
-        self.steps = nn.ModuleList(DecodeStep(block, c) for block in model.blocks)
-        self.order = [(i * c.n_blocks) // n_steps for i in range(n_steps)]
-        self.n_steps = n_steps
-        self.horizon = c.horizon
-        self.norm_f = model.norm_f
-        self.norm_names = [name for name, _ in model.norm_f.named_parameters()]
-        ends = [len(self.norm_names)]
-        for step in self.steps:
-            ends.append(ends[-1] + len(step.param_names))
-        self.spans = list(zip(ends[:-1], ends[1:]))  # block k's slice of *params
-        self.logit_mult = c.logit_mult
-        self.has_setting = c.ffn != "dense"
-
-    def forward(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        pool_k: Tensor,
-        pool_v: Tensor,
-        tables: Tensor,
-        setting: Tensor,
-        wte: Tensor,
-        wpe: Tensor,
-        head_t: Tensor,
-        *params: Tensor,
-    ) -> tuple[Tensor, ...]:
-        """One new token per row through the whole model.
-
-        Args:
-            tokens, positions: (R, 1) the new token and its position (= the
-                row's past length).
-            pool_k, pool_v: (pages, page_size, nh, hs) the whole KV pool;
-                mutated: the new keys and values are written into it.
-            tables: (R, N, P) the row's page ids per step (-1 = none), P pages
-                covering every row's new position; past pages are read
-                (the new token's page too, masked), the new one is written.
-            setting: (R,) experts top-k per row (ignored by a dense FFN).
-            wte: (V, d) token embedding; wpe: (context, d) positions; head_t:
-                (d, V) the output matrix laid out for the matmul.
-            *params: the final norm's parameters, then each block's in
-                `DecodeStep.param_names` order, blocks in model order.
-
-        Returns:
-            logits (R, 1, V), and for MoE the routed-token counts (E,) summed
-            over the steps.
-        """
-        R, page = tokens.shape[0], pool_k.shape[1]
-        x = wte[tokens] + wpe[positions]  # (R, 1, d)
-        h = self.horizon / torch.full_like(x[..., :1], self.n_steps)  # (R, 1, 1) as run_trunk computes it
-        windows = tables.transpose(0, 1)  # (N, R, P)
-        new_page = tables.gather(2, (positions // page)[:, None, :].expand(R, self.n_steps, 1))  # (R, N, 1)
-        slots = (new_page * page + (positions % page)[:, None, :]).transpose(0, 1).reshape(-1)  # (N R,)
-        ks, vs, counts = [], [], []
-        for i, k in enumerate(self.order):
-            lo, hi = self.spans[k]
-            out = self.steps[k](x, h, pool_k, pool_v, windows[i], positions, setting, *params[lo:hi])
-            x = out[0]
-            ks.append(out[1])
-            vs.append(out[2])
-            if self.has_setting:
-                counts.append(out[3])
-        norm = dict(zip(self.norm_names, params[: len(self.norm_names)]))
-        logits = torch.func.functional_call(self.norm_f, norm, (x,)) @ head_t  # (R, 1, V)
-        if self.logit_mult != 1.0:
-            logits = logits * self.logit_mult
-        nh, hs = pool_k.shape[2], pool_k.shape[3]
-        pool_k.view(-1, nh, hs).index_copy_(0, slots, torch.cat(ks).view(-1, nh, hs))  # (N R, nh, hs)
-        pool_v.view(-1, nh, hs).index_copy_(0, slots, torch.cat(vs).view(-1, nh, hs))
-        return (logits, torch.stack(counts).sum(0)) if self.has_setting else (logits,)
-
-
-def graph_key(model: LeanLM, n_steps: int, dtype: torch.dtype) -> str:
-    """Cache key of a model structure's whole-decode graph for `n_steps` steps."""
-    blocks = [structure_key(block, model.config, dtype) for block in model.blocks]
-    data = {"blocks": blocks, "norm_f": [list(p.shape) for p in model.norm_f.parameters()], "steps": n_steps}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _graph_params(model: LeanLM) -> list[Tensor]:
-    """`DecodeGraph`'s *params for `model`: the final norm's, then every block's."""
-    params = [p.detach() for p in model.norm_f.parameters()]
-    for block in model.blocks:
-        params.extend(p.detach() for p in block.parameters())
-    return params
-
-
-def head_matrix(model: LeanLM) -> Tensor:
-    """The output matrix as a contiguous (d, V) copy.
-
-    `x @ W_t` is ~30 % faster than `x @ W.t()` at decode's few rows on CPU
-    (123 vs 177 us for 16 x 128 x 4096). Costs V x d more memory (2 MB for the zoo).
-    """
-    head = model.wte.weight if model.head is None else model.head.weight
-    return head.detach().t().contiguous()
-
-
-def compile_graph(model: LeanLM, n_steps: int, dtype: torch.dtype, path: Path) -> None:
-    """Export the whole-decode graph of `model` for `n_steps` steps; AOT-compile it to `path`."""
-    c = model.config
-    graph = DecodeGraph(model, n_steps).eval()
-    R_, P_, page_ = 2, 2, 4  # not 0 or 1: torch.export keeps every dynamic axis symbolic
-    pool = tuple(torch.zeros(3, page_, c.n_heads, c.head_dim, dtype=dtype) for _ in range(2))
+def compile_graph(graph: _Traceable, n_steps: int, head_t: Tensor, dtype: torch.dtype, path: Path) -> None:
+    """Export a whole-decode graph (`_WholeDecode` for `n_steps`) and AOT-compile it to `path`."""
+    c = graph.inner.model.config
     args = (
-        torch.ones(R_, 1, dtype=torch.long),  # tokens
-        torch.full((R_, 1), P_ * page_ - 1, dtype=torch.long),  # positions
-        *pool,
-        torch.zeros(R_, n_steps, P_, dtype=torch.long),  # tables
-        torch.full((R_,), full_setting(c), dtype=torch.long),  # setting
-        model.wte.weight.detach(),
-        model.wpe.weight.detach(),
-        head_matrix(model),
-        *_graph_params(model),
+        torch.ones(_R, 1, dtype=torch.long),  # tokens
+        torch.full((_R, 1), _P * _PAGE - 1, dtype=torch.long),  # positions
+        *_example_pool(c, dtype),
+        torch.zeros(n_steps, _R, 1, dtype=torch.long),  # slots
+        torch.zeros(n_steps, _R, _P, dtype=torch.long),  # windows
+        torch.full((_R,), _full_setting(c), dtype=torch.long),  # setting
+        head_t,
+        *graph.weights(),
     )
     R, P, pages, page = _dims(c)
     dynamic: list[Any] = [
@@ -458,19 +367,18 @@ def compile_graph(model: LeanLM, n_steps: int, dtype: torch.dtype, path: Path) -
         {0: R},  # positions
         {0: pages, 1: page},  # pool_k
         {0: pages, 1: page},  # pool_v
-        {0: R, 2: P},  # tables
+        {1: R},  # slots
+        {1: R, 2: P},  # windows
         {0: R},  # setting
-        None,  # wte
-        None,  # wpe
         None,  # head_t
-        tuple([None] * (len(args) - 9)),  # *params
     ]
-    _aot_compile(graph, args, dynamic, path)
+    dynamic += [None] * (len(args) - len(dynamic))
+    _aot_compile(graph.eval(), args, [tuple(dynamic)], path)  # one entry: `_Traceable.forward(*args)`
 
 
 class CompiledDecode:
-    """The compiled decode of one model: per-block steps (`run_block`, `run_trunk`'s
-    `reads_pool` executor) and whole-decode graphs for `graph_steps` (`run_graph`)."""
+    """The compiled decode of one model: per-block steps (`run_block`, what
+    `CompiledExecutor` runs) and whole-decode graphs for `graph_steps` (`run_graph`)."""
 
     def __init__(self, model: LeanLM, cache_dir: Path | None = None, graph_steps: Iterable[int] = ()) -> None:
         """Load (or compile and cache) the decode step of every distinct block
@@ -480,12 +388,11 @@ class CompiledDecode:
             model: the model (eval mode; its parameters are passed to the graphs,
                 and the KV pool must have their dtype).
             cache_dir: artifact cache (default `default_cache_dir()`).
-            graph_steps: step counts that get a whole-decode graph (each
-                within the model's step range).
+            graph_steps: step counts that get a whole-decode graph, as
+                `runtime.settings.CompileSpec.graph_steps` resolved and checked them.
 
         Raises:
-            ValueError: the model's FFN cannot be compiled (names `compile` and
-                the FFN), or a step count is outside the model's range.
+            ValueError: the model's FFN cannot be compiled (names `compile` and the FFN).
         """
         c = model.config
         if c.ffn not in COMPILABLE_FFNS:
@@ -493,12 +400,8 @@ class CompiledDecode:
                 f"compile: the compiled decode path supports ffn in {COMPILABLE_FFNS}, this model has "
                 f"ffn={c.ffn!r}; run it without compile"
             )
-        lo, hi = c.step_range
-        graph_steps = list(graph_steps)
-        bad = [n for n in graph_steps if isinstance(n, bool) or not isinstance(n, int) or not lo <= n <= hi]
-        if bad:
-            raise ValueError(f"compile_steps={bad}: each must be an integer in [{lo}, {hi}] for this model")
         graph_steps = sorted(set(graph_steps))
+        self.model = model
         self.config = c
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.dtype = dtype = next(model.parameters()).dtype  # the KV pool must match
@@ -506,23 +409,23 @@ class CompiledDecode:
         self._blocks: list[tuple[str, list[Tensor]]] = []
         self.compiled_keys: list[str] = []  # compiled by this process (the rest came from the cache)
         for block in model.blocks:
+            step = _Traceable(_PoolStep(block, c), 7)
             key = structure_key(block, c, dtype)
             if key not in self._runners:
                 self._runners[key] = self._load(
-                    f"decode-step-{key}", lambda path, b=block: compile_step(b, c, dtype, path)
+                    f"decode-step-{key}", lambda path, s=step: compile_step(s, c, dtype, path)
                 )
-            self._blocks.append((key, [p.detach() for p in block.parameters()]))
+            self._blocks.append((key, step.weights()))
         self._default_settings: dict[int, Tensor] = {}  # rows -> (R,) the trained maximum
         self.head_t = head_matrix(model)  # (d, V)
-        # Inputs every graph call shares, after the per-call ones (see `DecodeGraph.forward`).
-        self._graph_weights = [model.wte.weight.detach(), model.wpe.weight.detach(), self.head_t]
-        self._graph_weights += _graph_params(model)
-        self._graphs: dict[int, Any] = {}
+        self._graphs: dict[int, tuple[Any, list[Tensor]]] = {}
         for n in graph_steps:
-            key = graph_key(model, n, dtype)
-            self._graphs[n] = self._load(
-                f"decode-graph-{key}", lambda path, n=n: compile_graph(model, n, dtype, path)
+            graph = _Traceable(_WholeDecode(model, n), 8)
+            runner = self._load(
+                f"decode-graph-{graph_key(model, n, dtype)}",
+                lambda path, g=graph, n=n: compile_graph(g, n, self.head_t, dtype, path),
             )
+            self._graphs[n] = (runner, [self.head_t, *graph.weights()])
 
     @property
     def graph_steps(self) -> frozenset[int]:
@@ -549,7 +452,7 @@ class CompiledDecode:
             return setting
         default = self._default_settings.get(R)
         if default is None:
-            default = torch.full((R,), full_setting(self.config), dtype=torch.long)
+            default = torch.full((R,), _full_setting(self.config), dtype=torch.long)
             self._default_settings[R] = default
         return default
 
@@ -570,28 +473,37 @@ class CompiledDecode:
         counts = out[3] if len(out) > 3 else None
         return BlockOut(out[0], out[1], out[2], counts, None)
 
-    def run_graph(
-        self,
-        n_steps: int,
-        tokens: Tensor,
-        positions: Tensor,
-        pool: tuple[Tensor, Tensor],
-        tables: Tensor,
-        setting: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """The whole decode of rows that all run `n_steps` steps (a step count in `graph_steps`).
+    def run_graph(self, fwd: Forward) -> ModelOutput:
+        """The whole decode of a forward whose rows all run one step count in `graph_steps`.
 
-        Writes the new keys and values of every step into `pool`.
-
-        Args:
-            tokens, positions: (R, 1); pool: (k, v), each (pages, page_size,
-                nh, hs); tables: (R, N, P) contiguous page ids, P pages covering
-                every row's new position; setting: (R,) or None (the trained
-                maximum).
-
-        Returns:
-            logits (R, 1, V) and the expert counts (E,), or None (dense FFN).
+        Writes the new keys and values of every step into the storage.
         """
-        setting = self._setting(tokens.shape[0], setting)
-        out = self._graphs[n_steps]([tokens, positions, *pool, tables, setting, *self._graph_weights])
-        return out[0], out[1] if len(out) > 1 else None
+        cache = fwd.cache
+        assert cache is not None
+        runner, weights = self._graphs[fwd.steps[0]]
+        s = cache.storage
+        setting = self._setting(fwd.tokens.shape[0], fwd.experts)
+        out = runner([fwd.tokens, fwd.positions, s.k, s.v, cache.slots, cache.windows, setting, *weights])
+        return ModelOutput(out[0], None, out[1] if len(out) > 1 else None)
+
+
+class CompiledExecutor:
+    """The trunk loop's executor over the compiled per-block decode steps (one new token per row)."""
+
+    stores_kv = False
+
+    def __init__(self, compiled: CompiledDecode) -> None:
+        self.compiled = compiled
+        self.model = compiled.model
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        return self.model.embed(tokens, positions)
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.model.logits(x, self.compiled.head_t)
+
+    def block(self, k: int, x: Tensor, h: Tensor, view: StepView, setting: Tensor | None) -> BlockOut:
+        storage = view.storage
+        if storage is None or view.window is None:
+            raise ValueError("CompiledExecutor: reads the KV pool, so it needs a cache view")
+        return self.compiled.run_block(k, (storage.k, storage.v), x, h, view.window, view.positions, setting)

@@ -1,14 +1,14 @@
-"""ONNX Runtime backend: the LeanLM step loop in Python over exported graphs.
+"""ONNX Runtime backend: the shared trunk loop over exported graphs.
 
 `models/export.py` exports the embedding, each distinct block (one Euler
 step, dense past keys/values in, new keys/values out) and the head as separate
-graphs. This backend runs the very same loop as `LeanLM.forward` (`models.model.run_trunk`,
-with an ONNX Runtime session as the block executor): per-row step
-counts, iteration `i` runs only the rows whose step count exceeds `i` with
-block `floor(i * n_blocks / N)` and step `h = T / N`, the paged cache gathered
-and scattered around each block call. One export therefore serves every step
-count and expert setting. Tensors cross into ONNX Runtime as zero-copy numpy
-views of CPU torch tensors.
+graphs. This backend runs the very same loop as `LeanLM.forward`
+(`models.trunk.run_forward`, with `models.executors.OnnxExecutor` running the
+sessions): per-row step counts, iteration `i` runs only the rows whose step
+count exceeds `i` with block `floor(i * n_blocks / N)` and step `h = T / N`,
+the paged cache gathered and scattered around each block call. One export
+therefore serves every step count and expert setting. Tensors cross into ONNX
+Runtime as zero-copy numpy views of CPU torch tensors.
 
 Token layout and shape legend as in models/model.py:
     B | rows           T | new tokens per row     d | model width
@@ -24,17 +24,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 import torch
-from torch import Tensor
 
 from models.checkpoint import WEIGHTS_FILE, load_config
 from models.config import ModelConfig
+from models.executors import OnnxExecutor
 from models.export import MANIFEST_FILE, MANIFEST_FORMAT, ONNX_DIR, block_io_names, config_hash, file_sha256
-from models.kv_cache import KVBatch
-from models.layers import BlockOut
-from models.model import ModelOutput, prepare_inputs, run_trunk, select_last
+from models.trunk import Forward, ModelOutput, run_forward
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +42,6 @@ CPU = "CPUExecutionProvider"
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build offers it, CPU always as fallback."""
     return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
-
-
-def _np(t: Tensor) -> np.ndarray:
-    """Zero-copy numpy view of a CPU tensor (copies only if it is strided)."""
-    return t.detach().cpu().contiguous().numpy()
 
 
 def read_manifest(model_dir: Path, config: ModelConfig) -> dict[str, Any]:
@@ -97,25 +89,22 @@ def read_manifest(model_dir: Path, config: ModelConfig) -> dict[str, Any]:
 
 
 class OnnxBackend:
-    """Runs a LeanLM from its ONNX export with ONNX Runtime.
+    """Runs a LeanLM from its ONNX export with ONNX Runtime (`OnnxExecutor` in the shared loop).
 
     Attributes:
         config: the model's config.
         name: "onnx".
         provider: the execution provider the sessions actually run on.
+        device, dtype: where the KV pool lives (host memory; the graphs' dtype).
     """
 
     name = "onnx"
 
     def __init__(self, config: ModelConfig, sessions: dict[str, ort.InferenceSession]) -> None:
         self.config = config
-        self._embed = sessions["embed"]
-        self._head = sessions["head"]
-        self._blocks = [sessions[f"block_{k}"] for k in range(config.n_blocks)]
-        self.provider = self._embed.get_providers()[0]
-        # Without an expert setting the model uses the trained maximum; the
-        # graphs always take one (fixed input list), so that maximum is fed.
-        self._full_setting = config.max_expert_setting
+        self.executor = OnnxExecutor(config, sessions)
+        self.provider = sessions["embed"].get_providers()[0]
+        self.device, self.dtype = torch.device("cpu"), torch.float32
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, providers: Sequence[str] | None = None) -> OnnxBackend:
@@ -145,64 +134,6 @@ class OnnxBackend:
             logger.warning("onnx backend: %s requested but sessions run on %s", CUDA, backend.provider)
         return backend
 
-    def _run_block(
-        self,
-        k: int,
-        x: Tensor,
-        h: Tensor,
-        past_k: Tensor,
-        past_v: Tensor,
-        mask: Tensor,
-        setting: Tensor | None,
-    ) -> BlockOut:
-        """One Euler step of block k through its ONNX graph (shapes as `Block.forward`)."""
-        feed = {"x": _np(x), "h": _np(h), "past_k": _np(past_k), "past_v": _np(past_v), "mask": _np(mask)}
-        if setting is not None:
-            feed["setting"] = _np(setting)
-        out = self._blocks[k].run(None, feed)
-        counts = torch.from_numpy(out[3]) if len(out) > 3 else None
-        return BlockOut(
-            torch.from_numpy(out[0]), torch.from_numpy(out[1]), torch.from_numpy(out[2]), counts, None
-        )
-
-    def forward(
-        self,
-        tokens: Tensor,
-        positions: Tensor | None = None,
-        steps: Tensor | int | None = None,
-        kv: KVBatch | None = None,
-        experts: Tensor | None = None,
-        last_only: bool = False,
-        last_index: Tensor | None = None,
-    ) -> ModelOutput:
-        """Run the model; same arguments, semantics and errors as `LeanLM.forward`.
-
-        Args:
-            tokens: (B, T) int64 token ids.
-            positions: (B, T) int64 absolute positions; default 0..T-1.
-            steps: (B,) int64 steps per row or an int; default `config.default_steps`.
-            kv: paged cache view (CPU); new keys/values are written to it.
-            experts: (B,) int64 experts top-k (MoE) or tree depth per row; None = maximum.
-            last_only: logits for the last position only.
-            last_index: (B,) index of each row's last real token (right padding).
-
-        Returns:
-            ModelOutput with logits (B, T, V) or (B, 1, V), aux_loss None
-            (inference only) and summed expert counts for MoE / tree.
-        """
-        c = self.config
-        B = tokens.shape[0]
-        positions, steps = prepare_inputs(c, tokens, positions, steps, experts, kv)
-        (x_np,) = self._embed.run(None, {"tokens": _np(tokens), "positions": _np(positions)})
-        x = torch.from_numpy(x_np)  # (B, T, d)
-        setting = experts
-        if setting is None and self._full_setting is not None:
-            # The block graphs take the setting as an input; the maximum is the default.
-            setting = torch.full((B,), self._full_setting, dtype=torch.long)
-        x, _, counts_total = run_trunk(c, x, positions, steps, kv, setting, self._run_block)
-        if last_only:
-            x = select_last(x, last_index)
-        (logits,) = self._head.run(None, {"x": _np(x)})
-        return ModelOutput(torch.from_numpy(logits), None, counts_total)
-
-    __call__ = forward
+    def forward(self, fwd: Forward) -> ModelOutput:
+        """Run one forward (`models.trunk.Forward`, CPU tensors); aux_loss is None (inference only)."""
+        return run_forward(self.executor, self.config, fwd)

@@ -2,13 +2,15 @@
 
 * `kubectl kustomize` of each overlay; every object validates with kubernetes-validate
   (`strict=True`) against Kubernetes K8S_VERSION; the RayService (and its RayCluster spec)
-  against the KubeRay v1.7.0 CRD schema (`../shared/kuberay/`); pod templates inside the CR
-  also as strict core/v1 PodTemplates.
+  against the KubeRay v1.7.0 CRD schema (`../shared/kuberay/`, next to the checkout; see
+  deploy/README.md for where the files come from); pod templates inside the CR also as strict
+  core/v1 PodTemplates.
 * `serveConfigV2` is the serve config byte for byte and parses with Ray's `ServeDeploySchema`.
 * `promtool check rules`; the dashboard's PromQL names only exported metrics.
 * Dockerfiles: base tag = pinned Ray, COPY sources exist, non-root USER, CMD exists.
 
-kubectl and promtool: skipped when missing locally, a failure under CI=true.
+kubectl, promtool and the KubeRay CRDs: skipped (with the reason) when missing locally, a
+failure under CI=true.
 """
 
 from __future__ import annotations
@@ -39,15 +41,20 @@ PORTS = {"serve-grpc": 9000, "serve": 8000, "metrics": 8080, "gcs": 6379, "dashb
 CRD_KINDS = {"RayService", "PodMonitor"}  # not in kubernetes-validate's schema set
 
 
+def _missing(msg: str) -> None:
+    """A prerequisite is absent: skip with `msg` locally, fail with it under CI=true."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def _tool(name: str) -> str:
     """Path of a CLI tool; skip when missing locally, fail under CI=true."""
     path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
     if path:
         return path
-    msg = f"{name} not found on PATH or in /usr/bin (CI installs it; see scripts/_env.sh)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    _missing(f"{name} not found on PATH or in /usr/bin (CI installs it; see scripts/_env.sh)")
+    raise AssertionError("unreachable")  # _missing always raises
 
 
 @functools.cache
@@ -74,14 +81,20 @@ def _one(overlay: str, kind: str) -> dict[str, Any]:
     return found[0]
 
 
-@functools.cache
 def _crd_schema(file: str) -> dict[str, Any]:
     path = KUBERAY / file
     if not path.exists():
-        pytest.fail(
-            f"KubeRay CRD {path} is missing: the v1.7.0 CRDs live in ../shared/kuberay/ next to the checkout"
+        # Not cached: a skip must be raised again by every test that needs the file.
+        _missing(
+            f"KubeRay CRD {path} is missing: the v1.7.0 CRDs (helm-chart/kuberay-operator/crds/ of "
+            "ray-project/kuberay) live in ../shared/kuberay/ next to the checkout; see deploy/README.md"
         )
-    crd = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return _load_crd_schema(str(path))
+
+
+@functools.cache
+def _load_crd_schema(path: str) -> dict[str, Any]:
+    crd = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     assert version["served"] and version["storage"]
     return version["schema"]["openAPIV3Schema"]
@@ -234,7 +247,7 @@ def _check_api_key_env(name: str, container: dict[str, Any]) -> None:
 
 
 def test_serve_config_drain_bound_is_leanserves_default():
-    from runtime.serve_cli import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
+    from runtime.serve_config import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
 
     assert _serve_args()["deployment"]["graceful_shutdown_timeout_s"] == DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
 
@@ -282,8 +295,16 @@ def test_prestop_waits_for_serve_processes_bounded(tmp_path):
         import prestop
     finally:
         sys.path.remove(str(DEPLOY / "docker"))
-    sleeper = subprocess.Popen(["ray::ProxyActor", "30"], executable=shutil.which("sleep"))
+    # A Python child titled like a Serve proxy. Not `sleep` with argv[0] set: a multi-call
+    # coreutils (uutils, busybox) picks its applet from argv[0] and exits at once.
+    sleeper = subprocess.Popen(
+        ["ray::ProxyActor", "-c", "import time; time.sleep(30)"], executable=sys.executable
+    )
     try:
+        deadline = time.monotonic() + 10
+        while sleeper.pid not in prestop.serve_processes() and time.monotonic() < deadline:
+            assert sleeper.poll() is None, f"the titled child exited with {sleeper.returncode}"
+            time.sleep(0.05)
         assert sleeper.pid in prestop.serve_processes()
         t0 = time.monotonic()
         mine = lambda prefixes: [p for p in prestop.serve_processes(prefixes) if p == sleeper.pid]  # noqa: E731
@@ -527,7 +548,7 @@ def test_dockerfile(name, platform, extra):
 
     (health,) = [a for i, a in ins if i == "HEALTHCHECK"]
     assert "/home/ray/healthcheck.py" in health and (DEPLOY / "docker" / "healthcheck.py").exists()
-    from runtime.serve_cli import GRPC_MESSAGE_ENV, SERVE_LATENCY_ENV
+    from runtime.serve_local import GRPC_MESSAGE_ENV, SERVE_LATENCY_ENV
 
     env = dict(pair.split("=", 1) for i, a in ins if i == "ENV" for pair in a.split())
     assert {k: env.get(k) for k in SERVE_LATENCY_ENV} == SERVE_LATENCY_ENV, f"{name}: Serve latency env"
@@ -556,3 +577,14 @@ def test_healthcheck_script_reports_unhealthy_without_a_server():
         timeout=30,
     )
     assert out.returncode == 1 and "unhealthy" in out.stderr
+
+
+# --- the CRD files' absence: a visible skip locally, a failure in CI ----------------------------
+def test_missing_crds_skip_with_the_reason_locally_and_fail_under_ci(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "KUBERAY", tmp_path / "absent")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"ray.io_rayservices.yaml is missing.*deploy/README.md"):
+        _crd_schema("ray.io_rayservices.yaml")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"ray.io_rayservices.yaml is missing"):
+        _crd_schema("ray.io_rayservices.yaml")

@@ -40,9 +40,9 @@ def _manifest_checks() -> Any:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir, free_port):
+def served(calibrated_tiny_model_dir, free_port):
     from runtime.proto_build import load_stubs
-    from runtime.serve_cli import set_local_env
+    from runtime.serve_local import set_local_env
 
     set_local_env()
     import ray
@@ -53,7 +53,7 @@ def served(tiny_model_dir, free_port):
     raw = yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8"))
     config = copy.deepcopy(raw)
     app = config["applications"][0]
-    app["args"]["model_dir"] = str(tiny_model_dir)
+    app["args"]["model_dir"] = str(calibrated_tiny_model_dir)  # calibrated: the prediction metrics exist
     app["args"]["threads"] = 1
     app["args"]["deployment"]["ray_actor_options"]["num_cpus"] = 1
     schema = ServeDeploySchema.model_validate(config)
@@ -134,6 +134,20 @@ def test_grpc_generate_and_health(served):
 
 
 def test_live_scrape_exports_every_metric_the_dashboard_and_rules_use(served):
+    from runtime.client import Client
+
+    client = Client(served["target"])
+    try:  # a speculating request: the leanserve_spec_* series exist only once one ran
+        pb2 = client.pb2
+        message = pb2.GenerateRequest(
+            prompt="God said",
+            sampling=pb2.SamplingParams(max_tokens=8, temperature=0.0),
+            compute=pb2.ComputeParams(steps=4, draft_steps=2, draft_tokens=2),
+        )
+        reply = client.generate(message, timeout=60)
+        assert reply.compute.speculation.draft_steps == 2
+    finally:
+        client.close()
     checks = _manifest_checks()
     used = checks.exported_metric_names_used()
     missing: list[str] = []

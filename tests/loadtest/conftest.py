@@ -126,3 +126,12 @@ def fake_server() -> Iterator[Any]:
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture
+def fakes() -> Iterator[Any]:
+    """The fuzzer's fake gRPC and HTTP servers (tests/loadtest/fuzz_fakes.py): (state, grpc, http)."""
+    from tests.loadtest.fuzz_fakes import fake_servers
+
+    with fake_servers() as servers:
+        yield servers

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.report import FILES
+from loadtest.report import BASE_FILES, OVERLOAD_FILES, STEP_LOAD_FILES
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +77,10 @@ def test_short_sweep_against_leanserve_serve_writes_all_reports(served: str, tmp
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in FILES:
+    for name in BASE_FILES:
         assert (out / name).stat().st_size > 0, name
+    for name in OVERLOAD_FILES + STEP_LOAD_FILES:  # neither scenario ran: no empty plots of them
+        assert not (out / name).exists(), name
     points = json.loads((out / "points.json").read_text())["points"]
     assert [p["label"] for p in points] == ["N=2", "N=4"]
     for p, steps in zip(points, (2, 4), strict=True):

@@ -385,3 +385,22 @@ def test_demo_models_pass():
     zoo = Path(__file__).resolve().parents[2] / "models" / "zoo"
     for name in ("ode-tiny", "stack-tiny"):
         assert check_model_dir(zoo / name).name == name
+
+
+def test_save_model_writes_with_the_umask_like_any_file(tmp_path, tiny):
+    """Directory 0777 and files 0666 less the umask (not mkdtemp's 0700, safetensors' 0600)."""
+    import os
+
+    from models.checkpoint import save_model
+    from models.model import LeanLM
+
+    old = os.umask(0o022)
+    try:
+        save_model(LeanLM(tiny()), tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()} == {
+        "config.json": 0o644,
+        "model.safetensors": 0o644,
+    }

@@ -92,3 +92,29 @@ def test_export_stack(exported) -> None:
 def test_export_rejects_opset_17(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="opset=17"):
         export_onnx(perturbed_model(tiny_config()), tmp_path, opset=17)
+
+
+def test_export_is_quiet_and_readable_whatever_the_umask(tmp_path: Path) -> None:
+    """No "torchvision is not installed. Skipping torchvision::nms" lines (torch.onnx logs 4 per
+    graph where torchvision is not installed), and the graphs are 0644 in a 0755 folder under umask 077."""
+    import logging
+    import os
+
+    from models.export import _REGISTRATION_LOGGER
+
+    records: list[logging.LogRecord] = []
+    collector = logging.Handler()
+    collector.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(_REGISTRATION_LOGGER)
+    logger.addHandler(collector)  # sees what the logger's filters let through, as torch's handler does
+    old = os.umask(0o077)
+    try:
+        export_onnx(perturbed_model(tiny_config(block="prenorm", ffn="dense")), tmp_path)
+    finally:
+        os.umask(old)
+        logger.removeHandler(collector)
+    assert not [r.getMessage() for r in records if "torchvision" in r.getMessage()]
+    onnx_dir = tmp_path / ONNX_DIR
+    assert onnx_dir.stat().st_mode & 0o777 == 0o755
+    files = list(onnx_dir.iterdir())
+    assert files and all(p.stat().st_mode & 0o777 == 0o644 for p in files)

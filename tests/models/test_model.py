@@ -93,17 +93,24 @@ def test_rows_with_different_steps_equal_each_row_alone(tiny, make_model, ffn, n
 
 
 def test_uniform_batch_step_size_is_bit_identical_and_trainable(tiny, make_model):
-    """A uniform batch reuses one cached h tensor: the same bits as the per-row
-    division, dense strides, and usable under autograd after inference made it."""
-    from models.model import _step_sizes, _uniform_step_sizes
+    """A uniform batch reuses one cached h tensor: the same bits as a mixed batch's
+    per-row division and as the traced (exported) computation, dense strides, and
+    usable under autograd after inference made it."""
+    from models.trunk import Forward, _cached_schedule, _schedule
 
     config = tiny(trunk="ode", min_steps=2, max_steps=6)
-    mixed = _step_sizes(config.horizon, torch.tensor([5, 3, 5]), None, torch.float32)
-    uniform = _step_sizes(config.horizon, torch.tensor([5, 5]), 5, torch.float32)
-    assert torch.equal(uniform[0], mixed[0]) and uniform.shape == (2, 1, 1) and uniform.is_contiguous()
+    x = torch.zeros(2, 1, config.d_model)
+    _, mixed = _cached_schedule(config.n_blocks, config.horizon, (5, 3, 5), torch.float32, x.device)
+    _, uniform = _cached_schedule(config.n_blocks, config.horizon, (5, 5), torch.float32, x.device)
+    traced = Forward(
+        torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), (5,), traced=True
+    )
+    _, in_graph = _schedule(config, traced, x)
+    assert torch.equal(uniform[0], mixed[0]) and torch.equal(in_graph, uniform)
+    assert uniform.shape == (2, 1, 1) and uniform.is_contiguous()
     model = make_model(config)
     tokens = torch.randint(0, config.vocab_size, (2, 6))
-    _uniform_step_sizes.cache_clear()
+    _cached_schedule.cache_clear()
     with torch.inference_mode():
         model(tokens, steps=5)  # first use creates the cached constant
     loss = model(tokens, steps=5).logits.logsumexp(-1).mean()

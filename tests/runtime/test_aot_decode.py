@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.executors import paged_attention
 from models.kv_cache import PagedKVCache
-from models.model import LeanLM, run_trunk
-from runtime.backends.aot_decode import CompiledDecode, paged_attention
+from models.model import LeanLM
+from runtime.backends.aot_decode import CompiledDecode
 from runtime.backends.torch_backend import TorchBackend
-from tests.helpers import perturbed_model, tiny_config
+from runtime.settings import CompileSpec
+from tests.helpers import model_call, perturbed_model, tiny_config
 
 TOL = 1e-4  # float32 both sides; fused kernels sum in a different order (~1e-6 in practice)
 
@@ -46,7 +48,7 @@ def compiled(cache_dir) -> dict[tuple[str, str], tuple[LeanLM, TorchBackend]]:
         for mode, steps in zip(MODES, ([lo, (lo + hi) // 2], [])):
             out[name, mode] = (
                 model,
-                TorchBackend(model, compile=True, cache_dir=cache_dir, compile_steps=steps),
+                TorchBackend(model, CompileSpec.parse(steps, cache_dir)),
             )
     return out
 
@@ -112,13 +114,13 @@ def test_second_load_comes_from_the_cache(compiled, cache_dir) -> None:
         ([7], r"compile_steps=\[7\]: each must be an integer in \[2, 6\]"),
         ([1, 3], r"compile_steps=\[1\]"),
         (["4"], r"compile_steps=\['4'\]"),
-        ("some", r"compile_steps='some': must be 'all' or a list"),
+        ("some", r"compile_steps='some': must be 'all', 'auto'"),
     ],
 )
 def test_compile_steps_out_of_range_is_refused_by_name(compiled, cache_dir, steps, error) -> None:
     model, _ = compiled["ode-sasp-moe", "graphs"]
     with pytest.raises(ValueError, match=error):
-        TorchBackend(model, compile=True, cache_dir=cache_dir, compile_steps=steps)
+        TorchBackend(model, CompileSpec.parse(steps, cache_dir))
 
 
 def test_compile_steps_all_and_default(compiled, cache_dir, monkeypatch) -> None:
@@ -128,13 +130,15 @@ def test_compile_steps_all_and_default(compiled, cache_dir, monkeypatch) -> None
     model, _ = compiled["ode-sasp-moe", "graphs"]
     seen = []
     monkeypatch.setattr(
-        aot.CompiledDecode, "__init__", lambda self, m, cache, steps: seen.append(list(steps))
+        aot.CompiledDecode,
+        "__init__",
+        lambda self, m, cache, steps: seen.append(list(steps)) or setattr(self, "model", m),
     )
-    TorchBackend(model, compile=True, cache_dir=cache_dir, compile_steps="all")
-    TorchBackend(model, compile=True, cache_dir=cache_dir)
+    TorchBackend(model, CompileSpec("all", cache_dir))
+    TorchBackend(model, CompileSpec(cache_dir=cache_dir))
     assert seen == [[2, 3, 4, 5, 6], [2, 3, 6]]  # default 6; tiers fast 2, balanced 3, best 6
-    with pytest.raises(ValueError, match="compile_steps: needs compile=True"):
-        TorchBackend(model, compile_steps=[2])
+    with pytest.raises(ValueError, match=r"compile_steps=\[9\]: each must be an integer in \[2, 6\]"):
+        TorchBackend(model, CompileSpec((9,), cache_dir))
 
 
 @torch.no_grad()
@@ -154,7 +158,7 @@ def test_decode_matches_eager_with_mixed_steps_and_experts(case, pattern) -> Non
     experts = None if options is None else torch.tensor([options[0], options[-1], options[0]])
     prompts = [[5, 17, 42], [8], [63, 1, 2, 3, 4, 5]]
     caches = {}
-    for name, forward in (("eager", model), ("aot", backend.forward)):
+    for name, forward in (("eager", model), ("aot", model_call(backend))):
         cache = PagedKVCache(c, num_pages=128, page_size=4)
         for b, p in enumerate(prompts):
             cache.reserve(b, int(steps[b]), len(p) + 10)
@@ -172,7 +176,7 @@ def test_decode_matches_eager_with_mixed_steps_and_experts(case, pattern) -> Non
     pos = torch.tensor([[len(p)] for p in prompts])
     for _ in range(9):
         ref = model(cur, pos, steps, kv=caches["eager"].batch([0, 1, 2]), experts=experts, last_only=True)
-        got = backend.forward(cur, pos, steps, caches["aot"].batch([0, 1, 2]), experts, True)
+        got = model_call(backend)(cur, pos, steps, caches["aot"].batch([0, 1, 2]), experts, True)
         assert float((ref.logits - got.logits).abs().max()) <= TOL
         if ref.expert_counts is None:
             assert got.expert_counts is None
@@ -192,7 +196,7 @@ def test_single_row_single_page(case) -> None:
     c = model.config
     n = int(c.min_steps)
     outs = []
-    for forward in (model, backend.forward):
+    for forward in (model, model_call(backend)):
         cache = PagedKVCache(c, num_pages=8, page_size=16)
         cache.reserve(0, n, 8)
         step = torch.tensor([n])
@@ -214,44 +218,34 @@ def test_single_row_single_page(case) -> None:
 def test_tree_ffn_is_refused_by_name(cache_dir) -> None:
     model = perturbed_model(tiny_config(trunk="ode", block="sas", ffn="tree"))
     with pytest.raises(ValueError, match="compile.*ffn='tree'"):
-        TorchBackend(model, compile=True, cache_dir=cache_dir)
+        TorchBackend(model, CompileSpec(cache_dir=cache_dir))
 
 
-def test_reads_pool_needs_a_cache() -> None:
+def test_pool_reading_executor_needs_a_cache() -> None:
+    from models.executors import PoolExecutor
+    from models.trunk import describe, run_forward
+
     model = perturbed_model(tiny_config())
-    x = torch.zeros(1, 1, model.config.d_model)
-    with pytest.raises(ValueError, match="reads_pool"):
-        run_trunk(
-            model.config,
-            x,
-            torch.zeros(1, 1, dtype=torch.long),
-            torch.tensor([3]),
-            None,
-            None,
-            None,
-            reads_pool=True,
-        )  # type: ignore[arg-type]
+    fwd = describe(model.config, torch.zeros(1, 1, dtype=torch.long), steps=3)
+    with pytest.raises(ValueError, match="needs a cache view"):
+        run_forward(PoolExecutor(model), model.config, fwd)
 
 
 def test_engine_with_compiled_decode_gives_the_eager_tokens(tokenizer, arun, cache_dir) -> None:
     """Concurrent requests with different step counts and expert settings through the
     engine: the compiled backend yields exactly the eager backend's greedy tokens and text."""
     from runtime.engine import Engine, EngineConfig
-    from tests.helpers import req, run_batched
+    from tests.helpers import mixed_step_requests, run_batched
     from tests.runtime.conftest import tiny_model_config
 
     model = perturbed_model(tiny_model_config(tokenizer.get_vocab_size(), "moe"))
     settings = dict(kv_cache_bytes=2**20, page_size=8, max_batch_size=16, max_waiting=32)
-    requests = [
-        req("a", steps=2, max_tokens=10),
-        req("b", prompt="In the beginning", steps=6, max_tokens=14, experts_top_k=1),
-        req("c", prompt="every row", steps=4, max_tokens=7),
-    ]
+    requests = mixed_step_requests()
     results = {}
     for compiled in (False, True):
         # A graph for 2 steps; the requests at 6 and 4 run block by block in the same batch.
         graphs = [2] if compiled else None
-        backend = TorchBackend(model, compile=compiled, cache_dir=cache_dir, compile_steps=graphs)
+        backend = TorchBackend(model, CompileSpec.parse(graphs, cache_dir) if compiled else None)
         engine = Engine(backend, tokenizer, EngineConfig(**settings))
         results[compiled] = arun(run_batched(engine, requests))
         assert engine.stats().kv_used_bytes == 0

@@ -227,3 +227,15 @@ def test_auth_metadata_from_argument_or_environment(monkeypatch):
     monkeypatch.setenv("LEANSERVE_API_KEY", "k2")
     assert auth_metadata() == [("authorization", "Bearer k2")]
     assert auth_metadata("") == []  # an explicit empty key wins over the environment
+
+
+def test_build_request_carries_messages_and_truncation() -> None:
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ann"}]
+    msg = build_request(pb2, "", messages=chat, add_generation_prompt=False, truncate_prompt_tokens=7)
+    assert [(m.role, m.content) for m in msg.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert msg.messages[1].name == "ann" and not msg.messages[0].HasField("name")
+    assert msg.add_generation_prompt is False and msg.HasField("add_generation_prompt")
+    assert msg.sampling.truncate_prompt_tokens == 7 and msg.prompt == ""
+    plain = build_request(pb2, "God said")
+    assert not plain.messages and not plain.HasField("add_generation_prompt")
+    assert not plain.sampling.HasField("truncate_prompt_tokens")

@@ -33,9 +33,9 @@ def test_prompts_of_different_lengths_prefill_in_one_padded_forward(make_engine,
     calls = []
     forward = engine.backend.forward
 
-    def spy(tokens, positions, steps, kv, experts, last_only, last_index=None):
-        calls.append((tuple(tokens.shape), last_index))
-        return forward(tokens, positions, steps, kv, experts, last_only, last_index)
+    def spy(fwd):
+        calls.append((tuple(fwd.tokens.shape), fwd.last_index))
+        return forward(fwd)
 
     engine.backend.forward = spy
     batched = arun(run_batched(engine, requests))
@@ -47,18 +47,19 @@ def test_prompts_of_different_lengths_prefill_in_one_padded_forward(make_engine,
     assert engine.stats().kv_used_bytes == 0
 
 
-def test_prefill_groups_bound_the_padding():
-    from runtime.engine import prefill_groups
+def test_pack_rows_bounds_the_padding_and_keeps_the_decode_batch_whole():
+    from runtime.runner import Row, pack_rows
 
-    class S:
-        def __init__(self, n: int) -> None:
-            self.prompt_ids = [1] * n
+    def rows(*lens: int) -> list[Row]:
+        return [Row(f"r{i}", [1] * n, 0, 2) for i, n in enumerate(lens)]
 
-    lens = lambda groups: [[len(s.prompt_ids) for s in g] for g in groups]  # noqa: E731
-    assert lens(prefill_groups([S(5), S(3), S(4)])) == [[3, 4, 5]]
+    lens = lambda groups: [[len(r.tokens) for r in g] for g in groups]  # noqa: E731
+    assert lens(pack_rows(rows(5, 3, 4))) == [[3, 4, 5]]
     # One 100-token prompt would make the short ones pay ~10x: it runs on its own.
-    assert lens(prefill_groups([S(10), S(100), S(8), S(9)])) == [[8, 9, 10], [100]]
-    assert prefill_groups([]) == []
+    assert lens(pack_rows(rows(10, 100, 8, 9))) == [[8, 9, 10], [100]]
+    # One-token rows (the decode batch) are one forward of their own, never padded.
+    assert lens(pack_rows(rows(1, 2, 1, 1))) == [[1, 1, 1], [2]]
+    assert pack_rows([]) == []
 
 
 @pytest.mark.parametrize("ffn,field", [("moe", "experts_top_k"), ("tree", "expert_depth")])
@@ -203,8 +204,9 @@ def test_finished_request_leaves_kv_at_zero_and_stats_flow(make_engine, arun):
 
 
 def test_kv_budget_queues_requests_until_memory_frees(make_engine, arun):
-    # 32 pages of 8 tokens (2 KiB each); a 12-token prompt + 20 new tokens at 6 steps takes 24.
-    engine = make_engine(kv_cache_bytes=32 * 8 * 256)
+    # 32 pages of 8 tokens (2 KiB each); a 12-token prompt + 20 new tokens at 6 steps takes 24
+    # (the reservation policy; tests/runtime/test_kv_on_demand.py covers pages on demand).
+    engine = make_engine(kv_cache_bytes=32 * 8 * 256, kv_allocation="reserve")
     peak: list[int] = []
     engine.stats_callbacks.append(
         lambda s: peak.append(s.num_running) if isinstance(s, IterationStats) else None
@@ -430,10 +432,10 @@ def test_duplicate_live_request_id_rejected(make_engine, arun):
 
 
 def test_output_channel_delivers_in_order_and_survives_a_cancelled_reader() -> None:
-    from runtime.engine import _Outputs
+    from runtime.request_state import Outputs
 
     async def go() -> list[object]:
-        ch = _Outputs()
+        ch = Outputs()
         ch.put("a")  # before anyone waits
         got = [await ch.get()]
         reader = asyncio.ensure_future(ch.get())
@@ -459,7 +461,7 @@ def _held(engine) -> dict[str, int]:
         "pending_aborts": len(engine._pending_aborts),
         "scheduled": len(engine.scheduler._by_id),
         "waiting_or_running": engine.scheduler.num_waiting + engine.scheduler.num_running,
-        "kv_sequences": len(engine.kv._seqs),
+        "kv_sequences": len(engine.kv),
         "kv_pages_in_use": engine.kv.num_pages - engine.kv.free_pages,
     }
 
@@ -570,12 +572,12 @@ def _forward_threads(engine, delay_s: float = 0.0) -> list[tuple[str, str]]:
     calls: list[tuple[str, str]] = []
     forward = engine.backend.forward
 
-    def spy(tokens, *args):
-        kind = "decode" if tokens.shape[1] == 1 else "prefill"
+    def spy(fwd):
+        kind = "decode" if fwd.tokens.shape[1] == 1 else "prefill"
         calls.append((kind, threading.current_thread().name))
         if kind == "decode" and delay_s:
             time.sleep(delay_s)
-        return forward(tokens, *args)
+        return forward(fwd)
 
     engine.backend.forward = spy
     return calls
@@ -641,24 +643,27 @@ def test_from_model_dir_compiles_graphs_for_the_steps_its_policy_picks(tiny_mode
     from models.checkpoint import load_config
     from runtime.engine import Engine, EngineConfig
     from runtime.policy import ModelProfile
+    from runtime.settings import CompileSpec
 
     calls = []
     real = backends.load_backend
 
-    def record(model_dir, kind="torch", **kwargs):
-        calls.append(kwargs)
-        return real(model_dir, kind)  # eager: the wiring is what is tested here
+    def record(model_dir, kind="torch", device="cpu", compile=None, dtype="float32"):
+        calls.append(compile)
+        return real(model_dir, kind, dtype=dtype)  # eager: the wiring is what is tested here
 
     monkeypatch.setattr(backends, "load_backend", record)
     config = load_config(tiny_model_dir)  # steps in [2, 4]
     tiers = {t.steps for t in ModelProfile.load(config, tiny_model_dir).tiers.values()}
-    Engine.from_model_dir(tiny_model_dir, EngineConfig(default_steps=3), compile=True)
-    Engine.from_model_dir(tiny_model_dir, EngineConfig(slo_target_itl_ms=5.0, slo_min_steps=3), compile=True)
-    Engine.from_model_dir(tiny_model_dir, None, compile=True, compile_steps=[2])
+    Engine.from_model_dir(tiny_model_dir, EngineConfig(default_steps=3), compile=CompileSpec())
+    Engine.from_model_dir(
+        tiny_model_dir, EngineConfig(slo_target_itl_ms=5.0, slo_min_steps=3), compile=CompileSpec()
+    )
+    Engine.from_model_dir(tiny_model_dir, None, compile=CompileSpec((2,)))
     Engine.from_model_dir(tiny_model_dir)
     assert calls == [
-        {"compile": True, "compile_steps": sorted({3} | tiers)},
-        {"compile": True, "compile_steps": sorted({3, 4} | tiers)},
-        {"compile": True, "compile_steps": [2]},
-        {},
+        CompileSpec(tuple(sorted({3} | tiers))),
+        CompileSpec(tuple(sorted({3, 4} | tiers))),
+        CompileSpec((2,)),
+        None,
     ]

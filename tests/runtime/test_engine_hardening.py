@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models.tokenizer import EOT_TOKEN, eot_id
-from runtime.engine import validate_request
 from runtime.sampling import GREEDY_BELOW_TEMPERATURE, LogitAdjust, NonFiniteLogitsError, sample_rows
 from runtime.types import (
     ComputeParams,
@@ -30,6 +29,7 @@ from runtime.types import (
     InvalidRequestError,
     SamplingParams,
 )
+from runtime.validation import validate_request
 from tests.helpers import PROMPT, collect, req
 
 # Float edge values: float32's smallest denormal and normal, values that round to 0 or
@@ -198,9 +198,9 @@ class _FlakyBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def forward(self, tokens, *args, **kwargs):
-        out = self._inner.forward(tokens, *args, **kwargs)
-        rows = (tokens == self.poison).any(dim=1)  # (B,)
+    def forward(self, fwd):
+        out = self._inner.forward(fwd)
+        rows = (fwd.tokens == self.poison).any(dim=1)  # (B,)
         if rows.any():
             if self.mode == "raise":
                 raise RuntimeError("injected fault")
@@ -213,7 +213,7 @@ class _FlakyBackend:
 def _poisoned_engine(make_engine, tokenizer, mode: str, **kwargs: Any):
     engine = make_engine(**kwargs)
     poison = tokenizer.encode("Z").ids[0]
-    engine.backend = _FlakyBackend(engine.backend, poison, mode)
+    engine.runner.backend = _FlakyBackend(engine.runner.backend, poison, mode)
     return engine
 
 

@@ -2,7 +2,7 @@
 
 One in-process Ray (module scope, always shut down) serves the tiny trained model
 (`tiny_model_dir`) at two replicas. The kill tests find a replica's worker process
-through Ray's GCS actor table (`loadtest.fuzz.replica_pids`, which only returns
+through Ray's GCS actor table (`loadtest.fuzz_soak.replica_pids`, which only returns
 processes started under this test process) and `kill -9` it while clients keep
 requests in flight:
 
@@ -39,15 +39,9 @@ from typing import Any
 import grpc
 import pytest
 
-from loadtest.fuzz import (
-    Sender,
-    generate_cases,
-    replica_pids,
-    run_fuzz,
-    run_soak,
-    soak_summary,
-    summary_table,
-)
+from loadtest.fuzz_run import generate_cases, run_fuzz, summary_table
+from loadtest.fuzz_soak import replica_pids, run_soak, soak_summary
+from loadtest.fuzz_transport import Sender
 from runtime.client import Client, build_request
 from tests.helpers import local_serve
 

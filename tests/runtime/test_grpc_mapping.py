@@ -165,7 +165,7 @@ def test_builder_args_are_validated_before_ray():
     with pytest.raises(ValueError, match="compile_steps: needs compile=true"):
         ServeArgs.from_dict({"compile_steps": [2]})
     for bad in ("most", [2, "3"], 4, [True]):
-        with pytest.raises(ValueError, match=r"compile_steps=.*: must be 'all' or a list of step counts"):
+        with pytest.raises(ValueError, match=r"compile_steps=.*: must be 'all', 'auto'"):
             ServeArgs.from_dict({"compile": True, "compile_steps": bad})
 
 
@@ -214,7 +214,7 @@ def test_replica_admits_what_the_engine_can_hold_unless_configured():
         ServeArgs.from_dict({"deployment": {"max_ongoing_requests": 7, "num_replicas": 2}})
     )
     assert opts["max_ongoing_requests"] == 7 and opts["num_replicas"] == 2
-    # One drain bound for Ray's replica stop and the engine (runtime/serve_cli.py's default).
+    # One drain bound for Ray's replica stop and the engine (runtime/serve_config.py's default).
     assert opts["graceful_shutdown_timeout_s"] == 20.0
     auto = deployment_options(
         ServeArgs.from_dict({"deployment": {"num_replicas": 2, "autoscaling_config": {}}})
@@ -246,3 +246,87 @@ def test_client_error_log_records_become_one_warning_line():
         assert r.getMessage().startswith("client error: ")
     internal = record(AbortedRpcError("INTERNAL: bug"))
     assert f.filter(internal) and internal.levelno == logging.ERROR and internal.exc_info is not None
+
+
+# --- chat and truncation over gRPC (issue 19) ------------------------------------------------
+def _chat(**kw) -> object:
+    from runtime.client import build_request
+
+    return build_request(pb2, kw.pop("prompt", ""), **kw)
+
+
+def test_chat_requests_convert_only_with_their_encoding():
+    msg = _chat(messages=[{"role": "user", "content": "hi"}], truncate_prompt_tokens=5, max_tokens=3)
+    assert msg.sampling.truncate_prompt_tokens == 5 and msg.messages[0].role == "user"
+    assert not msg.HasField("add_generation_prompt")
+    request = conv.to_engine_request(msg, prompt_token_ids=[4, 5])
+    assert (request.prompt, request.prompt_token_ids, request.sampling.truncate_prompt_tokens) == (
+        None,
+        [4, 5],
+        5,
+    )
+    for bad in (msg, _chat(prompt="x", messages=[{"role": "user", "content": "hi"}])):
+        with pytest.raises(InvalidRequestError) as err:
+            conv.to_engine_request(bad)
+        assert err.value.field == "messages"
+    assert conv.to_engine_request(_chat(prompt="x")).sampling.truncate_prompt_tokens is None
+
+
+def test_submit_generate_renders_the_conversation_and_names_the_fields(make_engine, arun):
+    from runtime.chat_template import ChatTemplate
+
+    engine, template = make_engine(), ChatTemplate.plain()
+    hello = [{"role": "user", "content": "The scheduler admitted them"}]
+    long = "The scheduler admitted them " * 40
+
+    async def answer(msg, chat=template) -> object:
+        try:
+            outs = [o async for o in await conv.submit_generate(engine, msg, FakeContext(), chat)]
+        except InvalidRequestError as e:
+            return e
+        return conv.merge_outputs(outs)
+
+    async def go() -> list[object]:
+        await engine.start()
+        try:
+            return [
+                await answer(_chat(messages=hello, max_tokens=3, temperature=0)),
+                await answer(_chat(messages=hello, max_tokens=3, add_generation_prompt=False)),
+                await answer(_chat(messages=[{"role": "tool", "content": "x"}])),
+                await answer(_chat(messages=hello * 30, max_tokens=3)),
+                await answer(_chat(messages=hello, max_tokens=3), chat=None),
+                await answer(_chat(prompt=long, max_tokens=2)),
+                await answer(_chat(prompt=long, max_tokens=2, truncate_prompt_tokens=9)),
+                await answer(_chat(messages=hello * 30, max_tokens=2, truncate_prompt_tokens=9)),
+            ]
+        finally:
+            await engine.stop()
+
+    chat, no_prompt, tool, long_chat, no_template, long_text, truncated, truncated_chat = arun(go())
+    rendered = template.render(hello)
+    assert chat.prompt_tokens == len(engine.tokenizer.encode(rendered).ids) and chat.completion_tokens >= 1
+    assert no_prompt.prompt_tokens == len(engine.tokenizer.encode(template.render(hello, False)).ids)
+    assert tool.field == "messages[0].role" and "tool" in str(tool)
+    assert long_chat.field == "messages" and no_template.field == "messages"
+    assert long_text.field == "prompt"  # the prompt alone is too long: not max_tokens
+    assert truncated.prompt_tokens == 9 and truncated_chat.prompt_tokens == 9
+
+
+def test_model_info_describes_the_compute_dial(make_engine):
+    engine = make_engine()
+    info = conv.model_info(
+        pb2, engine, latency={(6, 2): 2.5}, measured_on={"threads": 2}, chat_template="plain"
+    )
+    setting = engine.model_config.expert_setting
+    assert (info.min_steps, info.max_steps, info.context_length) == (2, 6, 64)
+    assert (info.expert_setting.name, info.expert_setting.min, info.expert_setting.max) == (
+        setting.name, setting.lo, setting.hi,
+    )  # fmt: skip
+    assert info.expert_setting.default == setting.default
+    best = next(t for t in info.quality_tiers if t.name == "best")
+    assert best.steps == 6 and best.ms_per_token == 2.5 and not best.HasField("perplexity")
+    assert (info.dtype, info.chat_template, info.backend, dict(info.measured_on)) == (
+        "float32", "plain", "torch", {"threads": "2"},
+    )  # fmt: skip
+    dense = conv.model_info(pb2, make_engine(ffn="dense"))
+    assert not dense.HasField("expert_setting") and dense.chat_template == ""

@@ -87,3 +87,19 @@ def test_promtool_check_metrics_passes(fed):
     text = fed[0].render()
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_prediction_error_is_a_histogram_of_measured_over_predicted():
+    factory = PrometheusMetrics()
+    m = EngineMetrics("tiny", factory)
+    for total, predicted, reason in ((0.011, 0.010, "length"), (0.019, 0.020, "stop"), (0.5, 0.01, "error")):
+        r = _request(3, reason, total_s=total)
+        r.predicted_s = predicted
+        m(r)
+    m(_request(3))  # no prediction: not observed
+    s = _samples(factory.render())
+    labels = (("model", "tiny"), ("steps", "3"))
+    assert s[("leanserve_latency_prediction_ratio_count", labels)] == 2  # failed requests say nothing
+    assert s[("leanserve_latency_prediction_ratio_bucket", (("le", "1.0"), *labels))] == 1  # 0.95
+    assert s[("leanserve_latency_prediction_ratio_bucket", (("le", "1.1"), *labels))] == 2  # 1.1
+    assert s[("leanserve_latency_prediction_ratio_sum", labels)] == pytest.approx(1.1 + 0.95)

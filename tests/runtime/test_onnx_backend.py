@@ -23,7 +23,7 @@ from models.export import export_onnx
 from models.kv_cache import KVCacheError, PagedKVCache
 from models.model import LeanLM
 from runtime.backends.onnx_backend import CPU, CUDA, OnnxBackend
-from tests.helpers import perturbed_model, tiny_config
+from tests.helpers import model_call, perturbed_model, tiny_config
 
 # float32 on both sides, but different kernels (ORT MatMul/Softmax vs torch
 # SDPA) and, for MoE / tree, a different summation order (the ONNX FFN
@@ -83,18 +83,18 @@ def test_full_forward_without_cache(case) -> None:
     model, _, backend = case
     assert backend.name == "onnx" and backend.provider == CPU
     tokens = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
-    _assert_same(model(tokens), backend.forward(tokens))
-    got = backend.forward(tokens, last_only=True)
+    _assert_same(model(tokens), model_call(backend)(tokens))
+    got = model_call(backend)(tokens, last_only=True)
     assert got.logits.shape == (3, 1, 97)
     assert _max_diff(model(tokens, last_only=True).logits, got.logits) <= TOL
     # Right-padded rows: each row's logits at its own last real token.
     last = torch.tensor([10, 3, 0])
-    got = backend.forward(tokens, last_only=True, last_index=last)
+    got = model_call(backend)(tokens, last_only=True, last_index=last)
     full = model(tokens).logits
     assert _max_diff(full[torch.arange(3), last][:, None], got.logits) <= TOL
     assert _max_diff(model(tokens, last_only=True, last_index=last).logits, got.logits) <= TOL
     with pytest.raises(ValueError, match="last_index"):
-        backend.forward(tokens, last_only=True, last_index=torch.tensor([11, 0, 0]))
+        model_call(backend)(tokens, last_only=True, last_index=torch.tensor([11, 0, 0]))
 
 
 @torch.no_grad()
@@ -105,10 +105,10 @@ def test_mixed_steps_and_experts_in_one_batch(exported, name: str) -> None:
     assert len(set(steps.tolist())) > 1 and len(set(experts.tolist())) > 1
     tokens = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(2))
     ref = model(tokens, steps=steps, experts=experts)
-    _assert_same(ref, backend.forward(tokens, steps=steps, experts=experts))
+    _assert_same(ref, model_call(backend)(tokens, steps=steps, experts=experts))
     # Each row of the mixed batch also equals that row run alone (ONNX side).
     for b in range(4):
-        alone = backend.forward(tokens[b : b + 1], steps=steps[b : b + 1], experts=experts[b : b + 1])
+        alone = model_call(backend)(tokens[b : b + 1], steps=steps[b : b + 1], experts=experts[b : b + 1])
         assert _max_diff(ref.logits[b : b + 1], alone.logits) <= TOL
 
 
@@ -125,7 +125,7 @@ def test_prefill_then_decode_with_paged_cache(case) -> None:
         for b in range(2):
             cache.reserve(b, int(steps[b]), 20)
         caches[name] = cache
-    run = {"torch": model, "onnx": backend.forward}
+    run = {"torch": model, "onnx": model_call(backend)}
     last = []
     for b, prompt in enumerate(prompts):  # prefill one row at a time
         pos = torch.arange(prompt.shape[1])[None]
@@ -174,7 +174,7 @@ def test_greedy_decode_tokens_identical(case) -> None:
             ids, pos = torch.tensor([[out[-1]]]), pos[:, -1:] + 1
         return out
 
-    assert greedy(backend.forward) == greedy(model) == model.generate(prompt, 16, steps=n)
+    assert greedy(model_call(backend)) == greedy(model) == model.generate(prompt, 16, steps=n)
 
 
 def test_argument_errors_match_torch(exported) -> None:
@@ -188,12 +188,12 @@ def test_argument_errors_match_torch(exported) -> None:
         with pytest.raises(ValueError) as ref:
             model(tokens, **kwargs)
         with pytest.raises(ValueError) as got:
-            backend.forward(tokens, **kwargs)
+            model_call(backend)(tokens, **kwargs)
         assert str(got.value) == str(ref.value)
     cache = PagedKVCache(model.config, num_pages=8, page_size=4)
     cache.reserve(0, 3, 4)
     with pytest.raises(KVCacheError, match="built with 3 steps"):
-        backend.forward(tokens, steps=4, kv=cache.batch([0]))
+        model_call(backend)(tokens, steps=4, kv=cache.batch([0]))
 
 
 def _copy(model_dir: Path, tmp_path: Path) -> Path:

@@ -485,3 +485,16 @@ def test_read_json_bounds_the_body_before_reading_it(arun):
         arun(_read_json(request([chunk] * 5 + [b"{}"])))
     with pytest.raises(InvalidRequestError, match="nest"):
         arun(_read_json(request([b"[" * 100_000])))
+
+
+def test_truncation_is_applied_before_the_engine_and_echo_shows_it(tokenizer, arun):
+    engine = FakeEngine(tokenizer)
+    text = "The scheduler admitted them first come, first served " * 30
+    body = _run(engine, {"prompt": text, "n": 2, "echo": True, "truncate_prompt_tokens": 5}, arun)
+    kept = tokenizer.encode(text).ids[-5:]
+    assert [(r.prompt, r.prompt_token_ids) for r in engine.submitted] == [(None, kept), (None, kept)]
+    assert body["choices"][0]["text"].startswith(tokenizer.decode(kept))
+    _run(engine, {"prompt": [[1, 2, 3, 4]], "truncate_prompt_tokens": 2}, arun)
+    assert engine.submitted[-1].prompt_token_ids == [3, 4]
+    _run(engine, {"prompt": "short", "truncate_prompt_tokens": 0}, arun)  # invalid N: the engine names it
+    assert engine.submitted[-1].prompt == "short"

@@ -6,6 +6,7 @@ import pytest
 
 from models.cost import CostModel
 from runtime.policy import ModelProfile, StepPolicy, Tier, automatic_steps
+from runtime.predictor import DEFAULT_MARGIN, TRANSPORT_S
 from runtime.types import ComputeParams
 
 from .conftest import tiny_model_config
@@ -60,17 +61,37 @@ def _linear_cost_model() -> CostModel:
     )
 
 
-def test_latency_budget_picks_largest_fitting_steps(moe_config):
-    cost = _linear_cost_model()
-    policy = StepPolicy(moe_config, ModelProfile(ModelProfile.default_tiers(moe_config), cost))
-    per_steps = {n: cost.predict_request_seconds(moe_config, n, 4, 8) for n in range(2, 7)}
-    budget_ms = (per_steps[4] + per_steps[5]) / 2 * 1000
-    d = policy.decide(ComputeParams(latency_budget_ms=budget_ms), 4, 8)
+def _budget_policy(config, **kwargs):
+    profile = ModelProfile(ModelProfile.default_tiers(config), _linear_cost_model())
+    return StepPolicy(config, profile, **kwargs)
+
+
+def test_latency_budget_picks_largest_steps_whose_bound_fits(moe_config):
+    """A fresh predictor bounds with the cost model x the default margin + the client hop."""
+    bounds = {n: _budget_policy(moe_config).predictor.predict(n, 4, 8).bound_s for n in range(2, 7)}
+    assert all(bounds[n] < bounds[n + 1] for n in range(2, 6))
+    policy = _budget_policy(moe_config)
+    d = policy.decide(ComputeParams(latency_budget_ms=(bounds[4] + bounds[5]) / 2 * 1000), 4, 8)
     assert (d.steps, d.reason) == (4, "latency_budget")
-    d = policy.decide(ComputeParams(latency_budget_ms=per_steps[2] * 1000 / 10), 4, 8)
+    assert d.predicted_s == pytest.approx((bounds[4] - TRANSPORT_S) / DEFAULT_MARGIN)  # the median, 1 so far
+    d = _budget_policy(moe_config).decide(ComputeParams(latency_budget_ms=bounds[2] * 1000 / 10), 4, 8)
     assert (d.steps, d.reason) == (2, "latency_budget:min")
-    d = policy.decide(ComputeParams(latency_budget_ms=1e9), 4, 8)
+    d = _budget_policy(moe_config).decide(ComputeParams(latency_budget_ms=1e9), 4, 8)
     assert d.steps == 6
+
+
+def test_every_calibrated_decision_carries_a_prediction(moe_config):
+    policy = _budget_policy(moe_config)
+    for compute in (ComputeParams(steps=3), ComputeParams(quality="best"), ComputeParams()):
+        d = policy.decide(compute, 4, 8)
+        assert d.predicted_s is not None and d.predicted_s > 0
+    assert StepPolicy(moe_config).decide(ComputeParams(steps=3), 4, 8).predicted_s is None  # uncalibrated
+    assert policy.snapshot()["predictor"]["period_model"]["model"] == 1.0  # the prior: the cost model
+
+
+def test_unmet_budget_mode_is_checked(moe_config):
+    with pytest.raises(ValueError, match="latency_budget_unmet='drop'"):
+        _budget_policy(moe_config, budget_unmet="drop")
 
 
 def test_dense_model_reports_no_experts():
@@ -80,3 +101,19 @@ def test_dense_model_reports_no_experts():
 
 
 # --- SLO controller: tests/runtime/test_slo_controller.py (against a simulated server) ---
+
+
+def test_from_settings_carries_the_budget_mode_batch_limits_and_the_controller(moe_config):
+    """The engine builds its policy from EngineConfig alone: every setting reaches it."""
+    from runtime.settings import EngineConfig
+
+    profile = ModelProfile.from_dict(moe_config, {"cost_model": _linear_cost_model().to_dict()})
+    settings = EngineConfig(latency_budget_unmet="reject", max_batch_size=5, max_prefills=2, default_steps=4)
+    policy = StepPolicy.from_settings(moe_config, profile, settings)
+    assert policy.budget_unmet == "reject" and policy.fixed_steps == 4 and policy.slo is None
+    assert (policy.predictor.max_batch, policy.predictor.max_prefills) == (5, 2)
+    controlled = EngineConfig(slo_target_itl_ms=20, slo_max_steps=5)
+    slo = StepPolicy.from_settings(moe_config, profile, controlled).slo
+    assert slo is not None and (slo.min_steps, slo.max_steps) == (2, 5)
+    with pytest.raises(ValueError, match="latency_budget_unmet"):
+        StepPolicy.from_settings(moe_config, profile, EngineConfig(latency_budget_unmet="drop"))
