@@ -11,6 +11,8 @@ cd "$LEANSERVE_ROOT"
 
 # Ray in tests: no auth tokens, no usage reporting.
 export RAY_AUTH_MODE=disabled RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
+# A crash (segfault) anywhere, also at interpreter exit, prints every thread's Python stack.
+export PYTHONFAULTHANDLER=1
 
 echo "[leanserve] ruff check ." >&2
 "$VENV/bin/ruff" check .
