@@ -274,6 +274,11 @@ class PageAllocator:
     def steps(self, seq_id: object) -> int:
         return self._seqs[seq_id].steps
 
+    def reservation(self, seq_id: object) -> tuple[int, int] | None:
+        """(steps, capacity in tokens) of the sequence's reservation, or None when it holds none."""
+        seq = self._seqs.get(seq_id)
+        return None if seq is None else (seq.steps, len(seq.pages[0]) * self.page_size)
+
     def pages(self, seq_id: object) -> list[list[int]]:
         """The sequence's page ids per step (do not modify)."""
         try:

@@ -460,12 +460,16 @@ class Engine:
         """Event loop: this iteration's rows and forwards (`ModelRunner.prepare`), so the
         worker thread never reads the scheduler's or the allocator's state while the loop may change it."""
         batch = len(out.sequences)
-        rows = []
+        states = self._states
+        rows = [states[seq.request_id].row() for seq in out.prefill]
         for seq in out.decode:
-            state = self._states[seq.request_id]
+            state = states[seq.request_id]
+            if state.spec is None:
+                rows.append(state.row())
+                continue
             remaining = seq.max_tokens - len(seq.output_ids)
             rows.append(state.row(self.speculation.draft_tokens(state.spec, seq.steps, remaining, batch)))
-        return self.runner.prepare([self._states[seq.request_id].row() for seq in out.prefill] + rows)
+        return self.runner.prepare(rows)
 
     # --- leaving early -----------------------------------------------------------
     def _apply_aborts(self) -> None:

@@ -218,7 +218,11 @@ class LatencyPredictor:
         model = (
             self.batch.model_seconds(float(s.num_decode), shares, self._context()) if s.num_decode else 0.0
         )
-        prefill = s.num_prefill * self.batch.prefill_seconds(mean_steps, self.prompt_tokens)
+        prefill = (
+            s.num_prefill * self.batch.prefill_seconds(mean_steps, self.prompt_tokens)
+            if s.num_prefill
+            else 0.0
+        )
         return model, prefill, 1.0, float(s.batch_size)
 
     def _on_iteration(self, s: IterationStats) -> None:

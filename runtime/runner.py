@@ -201,26 +201,43 @@ class ModelRunner:
             all_logits: logits of every position (B, T, V) instead of each row's last.
         """
         a = self.allocator
-        lens = [len(r.tokens) for r in rows]
-        T = max(lens)
+        lens: list[int] = []
+        ids: list[str] = []
+        steps_list: list[int] = []
+        starts: list[int] = []
+        any_experts = False
         last = 0
-        for r, n in zip(rows, lens):
-            if r.request_id not in a:
+        for r in rows:  # one pass: this runs for every row of every iteration
+            n = len(r.tokens)
+            held = a.reservation(r.request_id)
+            if held is None:
                 raise KVCacheError(f"sequence {r.request_id!r} holds no reservation")
-            if a.steps(r.request_id) != r.steps:
+            held_steps, capacity = held
+            if held_steps != r.steps:
                 raise KVCacheError(
-                    f"row {r.request_id!r}: its cache holds {a.steps(r.request_id)} steps, the row asks for "
+                    f"row {r.request_id!r}: its cache holds {held_steps} steps, the row asks for "
                     f"{r.steps}; a sequence keeps its step count"
                 )
-            if n < 1 or r.start + n > a.capacity(r.request_id):
+            end = r.start + n - 1
+            if n < 1 or end >= capacity:
                 raise KVCacheError(
-                    f"row {r.request_id!r}: positions {r.start}..{r.start + n - 1} overflow its reservation "
-                    f"of {a.capacity(r.request_id)} tokens"
+                    f"row {r.request_id!r}: positions {r.start}..{end} overflow its reservation "
+                    f"of {capacity} tokens"
                 )
-            last = max(last, r.start + n - 1)
+            if end > last:
+                last = end
+            lens.append(n)
+            ids.append(r.request_id)
+            steps_list.append(r.steps)
+            starts.append(r.start)
+            any_experts = any_experts or r.experts is not None
+        T = max(lens)
         padded = min(lens) < T
-        tokens = torch.tensor([r.tokens + [0] * (T - len(r.tokens)) for r in rows])  # (B, T) int64
-        start = torch.tensor([r.start for r in rows], dtype=torch.long)  # (B,)
+        if T == 1:
+            tokens = torch.tensor([r.tokens for r in rows])  # (B, 1) int64
+        else:
+            tokens = torch.tensor([r.tokens + [0] * (T - len(r.tokens)) for r in rows])  # (B, T) int64
+        start = torch.tensor(starts, dtype=torch.long)  # (B,)
         if T == 1:
             positions = start[:, None]  # (B, 1)
         else:
@@ -232,10 +249,9 @@ class ModelRunner:
             positions = torch.minimum(positions, (start + n - 1)[:, None])  # pads repeat the last position
             last_index = n - 1  # (B,)
         experts = None
-        if any(r.experts is not None for r in rows):
+        if any_experts:
             experts = torch.tensor([self._full_setting if r.experts is None else r.experts for r in rows])
-        ids = tuple(r.request_id for r in rows)
-        tables = self._block_tables(ids)
+        tables = self._block_tables(tuple(ids))
         P = -(-(last + 1) // a.page_size)  # pages covering the furthest new token
         dev = self.device
         if dev.type != "cpu":
@@ -244,7 +260,7 @@ class ModelRunner:
             pad = None if pad is None else pad.to(dev)
             last_index = None if last_index is None else last_index.to(dev)
         cache = CacheView.from_tables(self.storage, tables[:, :, :P], positions, pad)
-        steps = tuple(r.steps for r in rows)
+        steps = tuple(steps_list)
         return Forward(tokens, positions, steps, experts, cache, last_index, last_only=not all_logits)
 
     def _block_tables(self, ids: tuple[str, ...]) -> torch.Tensor:

@@ -223,6 +223,7 @@ class KVAllocator(Protocol):
     """The part of `models.kv_cache.PageAllocator` the scheduler uses."""
 
     num_pages: int
+    page_size: int
 
     @property
     def free_pages(self) -> int: ...
@@ -353,13 +354,11 @@ class Scheduler:
     @property
     def kv_pages_used(self) -> int:
         """Pages holding cached tokens (the rest of the allocated pages are reserved ahead)."""
-        kv = self.kv
+        page = self.kv.page_size
         used = 0
-        for seq in self.running:
+        for seq in self.running:  # every iteration (IterationStats): arithmetic inline
             if seq.num_cached:
-                used += kv.pages_needed(seq.steps, seq.num_cached)
-                if seq.draft_steps:
-                    used += kv.pages_needed(seq.draft_steps, seq.num_cached)
+                used += (seq.steps + seq.draft_steps) * -(-seq.num_cached // page)
         return used
 
     def num_waiting_for(self, client_id: str) -> int:
@@ -465,6 +464,35 @@ class Scheduler:
     def _grow(self, out: SchedulerOutput) -> None:
         """On demand: give each decoding sequence the pages its next decode writes,
         preempting the least important running sequences when the pool runs dry."""
+        kv = self.kv
+        # The common case, every iteration: most rows' pages already cover their next
+        # decode (a row crosses a page boundary once per page_size tokens), and what
+        # the others need is free. One pass, no ranking.
+        wanting: list[tuple[Sequence, int]] = []
+        need_total = 0
+        for seq in self.running:
+            if not seq.num_cached:  # not prefilled: admission reserved its prefill
+                continue
+            tokens = seq.decode_capacity()
+            need = kv.grow_pages(seq.request_id, tokens)
+            if seq.draft_steps:
+                need += kv.grow_pages(seq.draft_key, tokens)
+            if need:
+                wanting.append((seq, tokens))
+                need_total += need
+        if not wanting:
+            return
+        if need_total <= kv.free_pages:
+            for seq, tokens in wanting:
+                kv.grow(seq.request_id, tokens)
+                if seq.draft_steps:
+                    kv.grow(seq.draft_key, tokens)
+            return
+        self._grow_preempting(out)
+
+    def _grow_preempting(self, out: SchedulerOutput) -> None:
+        """`_grow` when the free pages do not cover every row: the most important rows
+        grow first, the least important are preempted to make room."""
         # Most important first: lower priority value, then earlier admission
         # (`running` is in admission order); victims are taken from the end.
         order = sorted(range(len(self.running)), key=lambda i: (self.running[i].priority, i))
