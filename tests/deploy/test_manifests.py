@@ -420,6 +420,18 @@ def test_promtool_check_rules():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_promtool_unit_tests_of_the_alerts():
+    """deploy/prometheus/rules_test.yaml: the speculation and KV-preemption alerts fire when they should."""
+    promtool = _tool("promtool")
+    out = subprocess.run(
+        [promtool, "test", "rules", str(DEPLOY / "prometheus" / "rules_test.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def leanserve_metric_names() -> set[str]:
     """Exported names of the metrics declared in runtime/metrics.py (Ray adds `ray_`; counters `_total`)."""
     src = (ROOT / "runtime" / "metrics.py").read_text(encoding="utf-8")
