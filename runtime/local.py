@@ -73,30 +73,64 @@ def generation_seed(seed: int | None) -> int:
     return secrets.randbits(63) if seed is None else seed
 
 
-def info(args: Any) -> int:
-    """Check a model directory (`models.checkpoint.check_model_dir`: config, every tensor's name,
-    shape and dtype, tokenizer, optional files), then print its architecture, compute options
-    and profile. A broken directory raises `CheckpointError` (exit 2, the file named)."""
-    from models.checkpoint import PROFILE_FILE, check_model_dir, read_json
+def model_summary(c: Any) -> dict[str, Any]:
+    """What `leanserve info` prints about a model configuration: its architecture, size,
+    compute options and the KV memory one token takes per step (float32 and bfloat16)."""
+    import torch
+
+    from models.kv_cache import bytes_per_token_step
+    from models.ouro import OuroConfig
+
+    lo, hi = c.step_range
+    kv = {str(d).removeprefix("torch."): bytes_per_token_step(c, d) for d in (torch.float32, torch.bfloat16)}
+    common = {
+        "name": c.name,
+        "d_model": c.d_model,
+        "context_length": c.context_length,
+        "steps": {"min": lo, "max": hi, "default": c.default_steps},
+        "kv_bytes_per_token_per_step": kv,
+    }
+    if isinstance(c, OuroConfig):
+        from models.ouro import OuroLM
+
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            parameters = OuroLM(c).num_params()
+        return {
+            "architecture": "ouro",
+            "parameters": parameters,
+            "layers_per_loop": c.loop_layers,
+            "heads": c.n_heads,
+            "kv_heads": c.n_kv_heads,
+            "head_dim": c.head_dim,
+            "ffn": f"swiglu {c.d_ff}",
+            "rope_theta": c.rope_theta,
+            **common,
+            "steps_are": "loops of the whole layer stack (exit_at_step = steps - 1)",
+        }
     from models.cost import param_counts
 
-    model_dir = resolve_model_dir(args.model)
-    c = check_model_dir(model_dir)
-    counts = param_counts(c)
-    lo, hi = c.step_range
-    summary = {
-        "name": c.name,
-        "parameters": counts["total"],
+    return {
+        "architecture": "leanlm",
+        "parameters": param_counts(c)["total"],
         "trunk": c.trunk,
         "blocks": c.n_blocks,
         "block": c.block,
         "ffn": c.ffn,
         "parameterisation": c.parameterisation,
-        "d_model": c.d_model,
-        "context_length": c.context_length,
-        "steps": {"min": lo, "max": hi, "default": c.default_steps},
+        **common,
         "expert_options": c.expert_options,
     }
+
+
+def info(args: Any) -> int:
+    """Check a model directory (`models.checkpoint.check_model_dir`: config, every tensor's name,
+    shape and dtype, tokenizer, optional files), then print its architecture, compute options
+    and profile. A broken directory raises `CheckpointError` (exit 2, the file named)."""
+    from models.checkpoint import PROFILE_FILE, check_model_dir, read_json
+
+    model_dir = resolve_model_dir(args.model)
+    c = check_model_dir(model_dir)
+    summary = model_summary(c)
     profile = read_json(model_dir, PROFILE_FILE)
     if profile:
         summary["quality_tiers"] = profile.get("quality_tiers")
