@@ -57,7 +57,14 @@ from torch import Tensor, nn
 from models.config import ConfigError, ModelConfig
 from models.kv_cache import KVBatch
 from models.layers import BlockOut
-from models.trunk import ModelOutput, StepView, describe, generate_sequence, run_forward
+from models.trunk import (
+    ModelOutput,
+    StepView,
+    describe,
+    exit_distribution,
+    generate_sequence,
+    run_forward,
+)
 
 
 @dataclass
@@ -153,23 +160,6 @@ def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
     return t * cos + rotated * sin
-
-
-def exit_distribution(gate_logits: Tensor) -> Tensor:
-    """The exit gate's distribution over loops.
-
-    Args:
-        gate_logits: (..., N) the gate's output after each loop.
-
-    Returns:
-        (..., N) p_i = sigmoid(g_i) prod_{j<i} (1 - sigmoid(g_j)); the last loop
-        gets the probability left (so each row sums to 1).
-    """
-    lam = torch.sigmoid(gate_logits)
-    survive = torch.cumprod(1.0 - lam, dim=-1)  # (..., N) prob. of not exiting through loop i
-    before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
-    p = lam * before
-    return torch.cat([p[..., :-1], before[..., -1:]], dim=-1)
 
 
 def threshold_exit(pdf: Tensor, threshold: float) -> Tensor:
@@ -351,6 +341,7 @@ class OuroExecutor:
 
     def __init__(self, model: OuroLM, record: list[Tensor] | None = None) -> None:
         self.model, self.record = model, record
+        self.exit_gate = model.exit_gate  # states (..., d) -> (..., 1) logits (`models.trunk.exit_states`)
         c = model.config
         self.kv, self.hs, self.theta, self.eps = c.n_kv_heads, c.head_dim, c.rope_theta, c.norm_eps
 

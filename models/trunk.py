@@ -136,6 +136,12 @@ class Forward:
         last_only: logits of each row's last token only, (B, 1, V).
         traced: built inside a graph being exported (rows symbolic, every row
             running `steps[0]` steps): nothing is cached across calls.
+        exit_threshold: (B,) float per-row threshold of an exit gate's
+            cumulative probability (models with an exit gate, models/ouro.py):
+            each token's output is the state of the first of its row's loops
+            whose cumulative exit probability reaches it, else the last loop's;
+            a value above 1 is never reached (the ordinary output). None = no
+            row uses it.
     """
 
     tokens: Tensor
@@ -146,6 +152,7 @@ class Forward:
     last_index: Tensor | None = None
     last_only: bool = False
     traced: bool = False
+    exit_threshold: Tensor | None = None
     _memo: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def select(self, rows: list[int]) -> Forward:
@@ -165,6 +172,7 @@ class Forward:
             cache,
             None if self.last_index is None else self.last_index[idx],
             self.last_only,
+            exit_threshold=None if self.exit_threshold is None else self.exit_threshold[idx],
         )
 
     def mask(self, kind: str) -> Tensor:
@@ -253,9 +261,12 @@ def run_forward(executor: Executor, config: ModelConfig, fwd: Forward) -> ModelO
     """
     x = executor.embed(fwd.tokens, fwd.positions)  # (B, T, d)
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
-    x, aux, counts = run_trunk(executor, config, x, fwd, pending)
+    record: StepRecord | None = None if fwd.exit_threshold is None else []
+    x, aux, counts = run_trunk(executor, config, x, fwd, pending, record)
     if fwd.last_only:
         x = select_last(x, fwd.last_index)  # (B, 1, d)
+    if record is not None:
+        x = exit_states(executor, fwd, x, record)
     if aux is not None:
         aux = aux / max(fwd.steps)
     logits = executor.head(x)
@@ -277,12 +288,90 @@ def _write_pending(fwd: Forward, pending: list[tuple[Tensor, Tensor, Tensor]]) -
         storage.scatter(*(torch.cat(parts) for parts in zip(*pending)))
 
 
+StepRecord = list[tuple[int, "Tensor | None", Tensor]]
+"""`run_trunk`'s record: per block application (step i, its rows or None for all, their output states)."""
+
+
+def exit_states(executor: Executor, fwd: Forward, x: Tensor, record: StepRecord) -> Tensor:
+    """The state each token exits with, under `fwd.exit_threshold` (the reference's threshold
+    exit: every loop ran; a token reads the first loop whose cumulative exit probability
+    reaches its row's threshold, else its row's last loop).
+
+    Args:
+        executor: runs a model with an exit gate (`executor.exit_gate(states)` -> logits).
+        x: (B, T', d) the final states (T' = 1 with `fwd.last_only`).
+        record: `run_trunk`'s record of the forward.
+
+    Returns:
+        (B, T', d) the chosen states.
+    """
+    gate = getattr(executor, "exit_gate", None)
+    if gate is None:
+        raise ValueError("exit_threshold: this model has no exit gate")
+    assert fwd.exit_threshold is not None
+    B, T, d = x.shape
+    N = max(fwd.steps)
+    states = x[:, None].expand(B, N, T, d).clone()  # (B, N, T', d); a row's unrun loops stay unread
+    last = fwd.last_index
+    for i, (rows, out) in enumerate(_by_step(record, fwd)):
+        if fwd.last_only:
+            out = select_last(out, None if last is None else (last if rows is None else last[rows]))
+        if rows is None:
+            states[:, i] = out
+        else:
+            states[rows, i] = out
+    logits = gate(states).squeeze(-1).transpose(1, 2)  # (B, T', N)
+    steps = torch.tensor(fwd.steps, device=x.device)  # (B,)
+    chosen = torch.empty(B, T, dtype=torch.long, device=x.device)
+    for n in sorted(set(fwd.steps)):  # each row's distribution is over its own loops
+        rows_n = (steps == n).nonzero().squeeze(1)
+        pdf = exit_distribution(logits[rows_n, :, :n])  # (R, T', n)
+        reached = pdf.cumsum(-1) >= fwd.exit_threshold[rows_n].to(pdf.dtype)[:, None, None]
+        first = reached.to(torch.int64).argmax(-1)
+        chosen[rows_n] = torch.where(reached.any(-1), first, torch.full_like(first, n - 1))
+    return states.gather(1, chosen[:, None, :, None].expand(B, 1, T, d)).squeeze(1)
+
+
+def _by_step(record: StepRecord, fwd: Forward) -> list[tuple[Tensor | None, Tensor]]:
+    """`run_trunk`'s record, one (rows, states) per step: a step that ran in several groups
+    (rows of different step counts applying different blocks) merged into one."""
+    per_step: list[list[tuple[Tensor | None, Tensor]]] = [[] for _ in range(max(fwd.steps))]
+    for i, rows, out in record:
+        per_step[i].append((rows, out))
+    merged: list[tuple[Tensor | None, Tensor]] = []
+    for parts in per_step:
+        if len(parts) == 1:
+            merged.append(parts[0])
+        else:
+            rows = torch.cat([r for r, _ in parts if r is not None])
+            merged.append((rows, torch.cat([o for _, o in parts])))
+    return merged
+
+
+def exit_distribution(gate_logits: Tensor) -> Tensor:
+    """The exit gate's distribution over loops.
+
+    Args:
+        gate_logits: (..., N) the gate's output after each loop.
+
+    Returns:
+        (..., N) p_i = sigmoid(g_i) prod_{j<i} (1 - sigmoid(g_j)); the last loop
+        gets the probability left (so each row sums to 1).
+    """
+    lam = torch.sigmoid(gate_logits)
+    survive = torch.cumprod(1.0 - lam, dim=-1)  # (..., N) prob. of not exiting through loop i
+    before = torch.cat([torch.ones_like(survive[..., :1]), survive[..., :-1]], dim=-1)
+    p = lam * before
+    return torch.cat([p[..., :-1], before[..., -1:]], dim=-1)
+
+
 def run_trunk(
     executor: Executor,
     config: ModelConfig,
     x: Tensor,
     fwd: Forward,
     pending: list[tuple[Tensor, Tensor, Tensor]] | None = None,
+    record: StepRecord | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Integrate the trunk: the step schedule over `executor.block`, paged KV in and out.
 
@@ -291,6 +380,8 @@ def run_trunk(
         pending: where to leave the (slots, k, v) an executor returns instead
             of storing (the caller writes them); None = written here, after
             the last step (valid: step i reads only its own pages).
+        record: if given, gets (step i, rows or None, the rows' output states
+            (R, T, d)) for every block application (`exit_states`).
 
     Returns:
         x (B, T, d) after the trunk, the summed aux loss and expert counts.
@@ -310,6 +401,8 @@ def run_trunk(
             if view.slots is not None and not executor.stores_kv:
                 writes.append((view.slots, out.k, out.v))
             x = out.x if rows is None else x.index_copy(0, rows, out.x)
+            if record is not None:
+                record.append((i, rows, out.x))
             if out.aux_loss is not None:
                 aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
             if out.counts is not None:

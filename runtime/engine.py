@@ -286,11 +286,17 @@ class Engine:
         if request.deadline is not None and request.deadline <= time.monotonic():
             raise DeadlineExceededError(f"request {request.request_id!r}: deadline passed before submission")
         s = request.sampling
+        compute = request.compute
+        if compute.exit_threshold is not None:
+            # The threshold exit reads every loop's state: all of them unless `steps` says
+            # fewer, and no speculation (validate_request refused an explicit draft).
+            steps = compute.steps if compute.steps is not None else self.model_config.step_range[1]
+            compute = dataclasses.replace(compute, steps=steps, draft_steps=0)
         decision = self.policy.decide(
-            request.compute, len(prompt_ids), s.max_tokens, batch=self.scheduler.num_running + 1
+            compute, len(prompt_ids), s.max_tokens, batch=self.scheduler.num_running + 1
         )
         spec = self.speculation.admit(
-            request.compute, decision.steps, len(prompt_ids), s.max_tokens, request.request_id
+            compute, decision.steps, len(prompt_ids), s.max_tokens, request.request_id
         )  # checks the KV fits (with the draft's entries)
         state = RequestState.create(request, prompt_ids, decision, self.tokenizer, self._eot, spec)
         seq = state.seq

@@ -305,6 +305,7 @@ def to_engine_request(
         expert_depth=c.expert_depth if c.HasField("expert_depth") else None,
         draft_steps=c.draft_steps if c.HasField("draft_steps") else None,
         draft_tokens=c.draft_tokens if c.HasField("draft_tokens") else None,
+        exit_threshold=c.exit_threshold if c.HasField("exit_threshold") else None,
     )
     now = time.monotonic()
     deadline = None
@@ -497,4 +498,5 @@ def model_info(pb2: Any, engine: Any, **extras: Any) -> Any:
         chat_template=dial["chat_template"] or "",
         latency_calibrated=dial["latency_budget_ms"]["calibrated"],
         measured_on={str(k): str(v) for k, v in (dial["measured_on"] or {}).items()},
+        exit_threshold_supported=dial["exit_threshold"] is not None,
     )

@@ -301,7 +301,7 @@ SHARED_FIELDS = frozenset(
         "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
         "presence_penalty", "frequency_penalty", "logit_bias", "user", "seed",
         "top_k", "stop_token_ids", "priority", "truncate_prompt_tokens",
-        *COMPUTE_INTS, "quality", "latency_budget_ms",
+        *COMPUTE_INTS, "quality", "latency_budget_ms", "exit_threshold",
     }
 )  # fmt: skip
 
@@ -343,6 +343,7 @@ def compute_fields(fields: dict[str, Any]) -> ComputeParams:
     return ComputeParams(
         quality=text_field("quality", fields["quality"]) if "quality" in fields else None,
         latency_budget_ms=number_field(fields, "latency_budget_ms"),
+        exit_threshold=number_field(fields, "exit_threshold"),
         **{name: integer_field(fields, name) for name in COMPUTE_INTS},
     )
 

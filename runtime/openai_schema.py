@@ -29,7 +29,7 @@ from typing import Any
 
 from runtime.chat_template import ChatTemplate
 from runtime.types import MAX_DRAFT_TOKENS, MAX_LOGPROBS, QUALITY_TIERS
-from runtime.validation import MAX_LATENCY_BUDGET_MS
+from runtime.validation import MAX_LATENCY_BUDGET_MS, has_exit_gate
 
 
 def measured_latency(model_dir: str | Path | None) -> tuple[dict[tuple[int, int | None], float], dict]:
@@ -157,6 +157,7 @@ def compute_options(
             "calibrated": profile.cost_model is not None,
         },
         "truncate_prompt_tokens": {"min": 1, "max": mc.context_length},
+        "exit_threshold": {"min_exclusive": 0, "max": 1} if has_exit_gate(mc) else None,
         "speculation": {
             "draft_steps": {"min": lo, "max": hi - 1, "off": 0, "default": _draft_default(engine)},
             "draft_tokens": {
@@ -234,6 +235,14 @@ COMPUTE_SCHEMA: dict[str, Any] = {
         "minimum": 1,
         "maximum": MAX_DRAFT_TOKENS,
         "description": "leanserve: tokens drafted per speculative round; unset = the server's default",
+    },
+    "exit_threshold": {
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "description": "leanserve, models with an exit gate (Ouro): every loop runs and each token is "
+        "read from the first loop whose cumulative exit probability reaches this threshold (the "
+        "reference's threshold exit); data[].leanserve.exit_threshold says whether a model takes it",
     },
     "truncate_prompt_tokens": {
         "type": "integer",

@@ -140,6 +140,7 @@ class RequestState:
             self.adjust,
             history,
             draft,
+            self.request.compute.exit_threshold,
         )
 
     def _span(self, lo: int, hi: int) -> list[int]:

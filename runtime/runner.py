@@ -71,6 +71,8 @@ class Row:
         generated: ids generated so far, for rows whose penalties read them.
         draft: this iteration runs a speculative round for the row
             (runtime/speculation.py): `tokens` is then the one fed token.
+        exit_threshold: the request's exit-gate threshold (models with an
+            exit gate), or None.
     """
 
     request_id: str
@@ -83,6 +85,7 @@ class Row:
     adjust: LogitAdjust | None = None
     generated: list[int] = field(default_factory=list)
     draft: DraftRound | None = None
+    exit_threshold: float | None = None
 
 
 @dataclass
@@ -205,7 +208,7 @@ class ModelRunner:
         ids: list[str] = []
         steps_list: list[int] = []
         starts: list[int] = []
-        any_experts = False
+        any_experts = any_exit = False
         last = 0
         for r in rows:  # one pass: this runs for every row of every iteration
             n = len(r.tokens)
@@ -231,6 +234,7 @@ class ModelRunner:
             steps_list.append(r.steps)
             starts.append(r.start)
             any_experts = any_experts or r.experts is not None
+            any_exit = any_exit or r.exit_threshold is not None
         T = max(lens)
         padded = min(lens) < T
         if T == 1:
@@ -261,7 +265,20 @@ class ModelRunner:
             last_index = None if last_index is None else last_index.to(dev)
         cache = CacheView.from_tables(self.storage, tables[:, :, :P], positions, pad)
         steps = tuple(steps_list)
-        return Forward(tokens, positions, steps, experts, cache, last_index, last_only=not all_logits)
+        exit_threshold = None
+        if any_exit:  # above 1: never reached, the row's ordinary output
+            thresholds = [2.0 if r.exit_threshold is None else r.exit_threshold for r in rows]
+            exit_threshold = torch.tensor(thresholds, dtype=torch.float32, device=dev)
+        return Forward(
+            tokens,
+            positions,
+            steps,
+            experts,
+            cache,
+            last_index,
+            last_only=not all_logits,
+            exit_threshold=exit_threshold,
+        )
 
     def _block_tables(self, ids: tuple[str, ...]) -> torch.Tensor:
         last = self._tables

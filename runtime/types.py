@@ -91,6 +91,10 @@ class ComputeParams:
             the server's default (`EngineConfig.draft_steps`).
         draft_tokens: tokens drafted per round, in [1, `MAX_DRAFT_TOKENS`];
             None = the server's default (`EngineConfig.draft_tokens`).
+        exit_threshold: models with an exit gate (Ouro) only, in (0, 1]: every
+            loop runs (all of them unless `steps` says fewer) and each token is
+            read from the first loop whose cumulative exit probability reaches
+            it, else the last; the reference's threshold exit. None = off.
     """
 
     steps: int | None = None
@@ -100,6 +104,7 @@ class ComputeParams:
     expert_depth: int | None = None
     draft_steps: int | None = None
     draft_tokens: int | None = None
+    exit_threshold: float | None = None
 
 
 MAX_DRAFT_TOKENS = 8  # draft_tokens' bound: a round's verification forward holds draft_tokens + 1 tokens

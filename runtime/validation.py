@@ -39,6 +39,13 @@ MAX_TRUNCATED_PROMPT_IDS = 2**18
 _FLOAT_MAX = 3.4028234663852886e38  # float32: what sampling computes in
 
 
+def has_exit_gate(config: ModelConfig) -> bool:
+    """The model reads its output from an exit gate's loop choice when asked (`exit_threshold`)."""
+    from models.ouro import OuroConfig
+
+    return isinstance(config, OuroConfig)
+
+
 def is_int(value: Any) -> bool:
     """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -263,6 +270,18 @@ def validate_request(
             raise InvalidRequestError(name, value, f"not supported by this model (ffn={config.ffn}); {takes}")
         if not is_int(value) or not setting.lo <= value <= setting.hi:
             raise InvalidRequestError(name, value, f"must be an integer in [{setting.lo}, {setting.hi}]")
+    t = c.exit_threshold
+    if t is not None:
+        if not has_exit_gate(config):
+            raise InvalidRequestError(
+                "exit_threshold", t, "not supported by this model: it has no exit gate (Ouro models have one)"
+            )
+        if not is_number(t) or not 0 < t <= 1:
+            raise InvalidRequestError("exit_threshold", t, "must be a number in (0, 1]")
+        if c.draft_steps:
+            raise InvalidRequestError(
+                "draft_steps", c.draft_steps, "must be 0 or unset with exit_threshold (no speculation)"
+            )
     from runtime.speculation import validate as validate_speculation  # imports this module's helpers
 
     validate_speculation(c, config)

@@ -79,6 +79,7 @@ class TorchBackend:
                 and fwd.cache is not None
                 and fwd.tokens.shape[1] == 1
                 and fwd.last_index is None
+                and fwd.exit_threshold is None
             ):
                 return self._decode(fwd)
             return run_forward(self.eager, self.config, fwd)

@@ -85,6 +85,11 @@ def test_unset_fields_keep_engine_defaults_and_set_fields_convert():
     assert req.sampling.stop == ["."] and req.sampling.stop_token_ids == [7]
     # `optional` makes an explicit 0 distinguishable from unset, so the engine can reject it by name.
     assert req.compute.steps == 0 and req.compute.experts_top_k == 1
+    assert req.compute.exit_threshold is None
+    gated = conv.to_engine_request(
+        pb2.GenerateRequest(prompt="hi", compute=pb2.ComputeParams(exit_threshold=0.5))
+    )
+    assert gated.compute.exit_threshold == 0.5
 
 
 def test_deadline_feeds_latency_budget_only_without_explicit_compute():

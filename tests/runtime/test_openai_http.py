@@ -124,7 +124,8 @@ def test_fields_reach_the_engine_request():
             "seed": 3, "stop": "x", "stop_token_ids": [4], "presence_penalty": 1, "frequency_penalty": -0.5,
             "logit_bias": {"5": -100, "7": 2.5}, "logprobs": 3, "user": "alice", "priority": -2,
             "steps": 2, "quality": "fast", "latency_budget_ms": 50, "experts_top_k": 1, "expert_depth": 1,
-            "best_of": 1, "suffix": "", "stream": True, "stream_options": {"include_usage": True},
+            "exit_threshold": 0.75, "best_of": 1, "suffix": "", "stream": True,
+            "stream_options": {"include_usage": True},
         },
         M,
         client_id="10.0.0.1",
@@ -143,6 +144,7 @@ def test_fields_reach_the_engine_request():
         1,
         1,
     )
+    assert c.exit_threshold == 0.75
     assert p.stream and p.include_usage and p.logprobs == 3
     assert plan().requests[0].client_id == ""
     assert oa.parse_completions({"prompt": "x"}, M, client_id="10.0.0.1").requests[0].client_id == "10.0.0.1"

@@ -86,9 +86,26 @@ def test_kv_reservation_is_loops_x_layers_x_tokens(ouro_tiny_dir):
 def test_the_dial_reports_the_loop_range(ouro_tiny_dir):
     from runtime.openai_schema import compute_options
 
-    opts = compute_options(_engine(ouro_tiny_dir))
+    engine = _engine(ouro_tiny_dir)
+    opts = compute_options(engine)
     assert opts["steps"] == {"min": 1, "max": 4, "default": 4}
     assert opts["experts"] is None and opts["backend"] == "torch"
+    assert opts["exit_threshold"] == {"min_exclusive": 0, "max": 1}
+    from runtime.grpc_servicer import model_info
+    from runtime.proto_build import load_stubs
+
+    pb2, _ = load_stubs()
+    assert model_info(pb2, engine).exit_threshold_supported
+
+
+def test_a_model_without_an_exit_gate_says_so(tiny_model_dir):
+    from runtime.grpc_servicer import model_info
+    from runtime.openai_schema import compute_options
+    from runtime.proto_build import load_stubs
+
+    engine = _engine(tiny_model_dir)
+    assert compute_options(engine)["exit_threshold"] is None
+    assert not model_info(load_stubs()[0], engine).exit_threshold_supported
 
 
 def test_steps_beyond_total_ut_steps_are_refused_naming_the_range(ouro_tiny_dir, arun):
@@ -211,3 +228,81 @@ async def engine_run(engine, request):
         return await engine.generate(request)
     finally:
         await engine.stop()
+
+
+def _threshold_request(rid: str, threshold: float | None, steps: int | None = None) -> GenerationRequest:
+    sampling = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    compute = ComputeParams(steps, exit_threshold=threshold)
+    return GenerationRequest(rid, prompt_token_ids=list(PROMPT), sampling=sampling, compute=compute)
+
+
+def test_exit_threshold_per_request_gives_the_reference_tokens_batched(ouro_tiny_dir, arun):
+    """The reference's threshold exit (every loop runs, each token reads its exit loop's
+    state) per request, served with the paged cache: the reference's greedy tokens (its full
+    recompute per token) for every threshold, in one batch with plain requests at other loop
+    counts, whose tokens stay theirs."""
+    engine = _engine(ouro_tiny_dir)
+    thresholds = ["0.25", "0.5", "0.75", "0.95"]
+    seen: list[object] = []
+    forward = engine.backend.forward
+
+    def spy(fwd):
+        seen.append(fwd.exit_threshold)
+        return forward(fwd)
+
+    engine.backend.forward = spy
+
+    async def scenario():
+        await engine.start()
+        try:
+            reqs = [_threshold_request(f"t{t}", float(t)) for t in thresholds]
+            reqs += [_request("plain2", 2), _request("plain4", 4)]
+            return await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
+        finally:
+            await engine.stop()
+
+    results = arun(scenario())
+    for t, (_, ids, last) in zip(thresholds, results):
+        assert ids == GOLDEN["threshold"]["a"][t]["greedy"], t
+        assert last.steps == 4  # every loop ran
+    assert results[4][1] == GOLDEN["loops"]["a"]["2"]["greedy"]
+    assert results[5][1] == GOLDEN["loops"]["a"]["4"]["greedy"]
+    mixed = [s for s in seen if s is not None and len(s) == 6]
+    assert mixed, "the threshold rows and the plain rows never shared a forward"
+    assert sorted(mixed[-1].tolist()) == [0.25, 0.5, 0.75, 0.949999988079071, 2.0, 2.0]
+    assert engine.stats().kv_used_bytes == 0
+
+
+def test_exit_threshold_is_refused_where_it_cannot_apply(ouro_tiny_dir, tiny_model_dir, arun):
+    from runtime.types import InvalidRequestError
+
+    engine = _engine(ouro_tiny_dir)
+    lean = _engine(tiny_model_dir)
+
+    async def scenario():
+        await engine.start()
+        await lean.start()
+        try:
+            for bad, field in (
+                (0.0, "exit_threshold"),
+                (1.5, "exit_threshold"),
+                (float("nan"), "exit_threshold"),
+            ):
+                with pytest.raises(InvalidRequestError) as e:
+                    engine.submit(_threshold_request("x", bad))
+                assert e.value.field == field and "(0, 1]" in str(e.value)
+            req = _threshold_request("y", 0.5)
+            req.compute.draft_steps = 2
+            with pytest.raises(InvalidRequestError) as e:
+                engine.submit(req)
+            assert e.value.field == "draft_steps"
+            with pytest.raises(InvalidRequestError) as e:
+                lean.submit(
+                    GenerationRequest("z", prompt_token_ids=[1, 2], compute=ComputeParams(exit_threshold=0.5))
+                )
+            assert e.value.field == "exit_threshold" and "no exit gate" in str(e.value)
+        finally:
+            await engine.stop()
+            await lean.stop()
+
+    arun(scenario())
