@@ -37,27 +37,39 @@ def _request(rid: str, steps: int | None, max_tokens: int = 8) -> GenerationRequ
     )
 
 
-def test_engine_generates_the_reference_tokens_for_every_loop_count_batched(ouro_tiny_dir, arun):
-    """Four requests at loops 1..4 share the prefill and decode forwards (the trunk's mixed
-    step schedule); each gets the reference's greedy tokens for its loop count."""
-    engine = _engine(ouro_tiny_dir)
-    steps_seen: list[tuple[int, ...]] = []
+def _forwards_seen(engine) -> list:
+    """Every `Forward` the engine's backend runs, in order (a spy on `backend.forward`)."""
+    seen: list = []
     forward = engine.backend.forward
 
     def spy(fwd):
-        steps_seen.append(fwd.steps)
+        seen.append(fwd)
         return forward(fwd)
 
     engine.backend.forward = spy
+    return seen
+
+
+def _run_batch(engine, requests, arun) -> list:
+    """Submit `requests` at once to a started engine; each one's (text, ids, last output)."""
 
     async def scenario():
         await engine.start()
         try:
-            return await asyncio.gather(*(collect(engine.submit(_request(f"r{n}", n))) for n in LOOPS))
+            return await asyncio.gather(*(collect(engine.submit(r)) for r in requests))
         finally:
             await engine.stop()
 
-    results = arun(scenario())
+    return arun(scenario())
+
+
+def test_engine_generates_the_reference_tokens_for_every_loop_count_batched(ouro_tiny_dir, arun):
+    """Four requests at loops 1..4 share the prefill and decode forwards (the trunk's mixed
+    step schedule); each gets the reference's greedy tokens for its loop count."""
+    engine = _engine(ouro_tiny_dir)
+    forwards = _forwards_seen(engine)
+    results = _run_batch(engine, [_request(f"r{n}", n) for n in LOOPS], arun)
+    steps_seen = [f.steps for f in forwards]
     assert [ids for _, ids, _ in results] == [GOLDEN["loops"]["a"][str(n)]["greedy"] for n in LOOPS]
     assert [last.steps for _, _, last in results] == LOOPS
     assert any(len(set(s)) == 4 for s in steps_seen), (
@@ -243,25 +255,10 @@ def test_exit_threshold_per_request_gives_the_reference_tokens_batched(ouro_tiny
     counts, whose tokens stay theirs."""
     engine = _engine(ouro_tiny_dir)
     thresholds = ["0.25", "0.5", "0.75", "0.95"]
-    seen: list[object] = []
-    forward = engine.backend.forward
-
-    def spy(fwd):
-        seen.append(fwd.exit_threshold)
-        return forward(fwd)
-
-    engine.backend.forward = spy
-
-    async def scenario():
-        await engine.start()
-        try:
-            reqs = [_threshold_request(f"t{t}", float(t)) for t in thresholds]
-            reqs += [_request("plain2", 2), _request("plain4", 4)]
-            return await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
-        finally:
-            await engine.stop()
-
-    results = arun(scenario())
+    forwards = _forwards_seen(engine)
+    reqs = [_threshold_request(f"t{t}", float(t)) for t in thresholds]
+    results = _run_batch(engine, reqs + [_request("plain2", 2), _request("plain4", 4)], arun)
+    seen = [f.exit_threshold for f in forwards]
     for t, (_, ids, last) in zip(thresholds, results):
         assert ids == GOLDEN["threshold"]["a"][t]["greedy"], t
         assert last.steps == 4  # every loop ran
