@@ -142,6 +142,10 @@ class Forward:
             whose cumulative exit probability reaches it, else the last loop's;
             a value above 1 is never reached (the ordinary output). None = no
             row uses it.
+        exit_early: (B,) bool, rows of one new token whose token stops looping
+            at its exit loop (the experimental compute-saving exit mode; the
+            loops it skips get the exit loop's keys and values); needs
+            `exit_threshold`. None = every row runs all its loops.
     """
 
     tokens: Tensor
@@ -153,6 +157,7 @@ class Forward:
     last_only: bool = False
     traced: bool = False
     exit_threshold: Tensor | None = None
+    exit_early: Tensor | None = None
     _memo: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def select(self, rows: list[int]) -> Forward:
@@ -173,6 +178,7 @@ class Forward:
             None if self.last_index is None else self.last_index[idx],
             self.last_only,
             exit_threshold=None if self.exit_threshold is None else self.exit_threshold[idx],
+            exit_early=None if self.exit_early is None else self.exit_early[idx],
         )
 
     def mask(self, kind: str) -> Tensor:
@@ -262,11 +268,12 @@ def run_forward(executor: Executor, config: ModelConfig, fwd: Forward) -> ModelO
     x = executor.embed(fwd.tokens, fwd.positions)  # (B, T, d)
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
     record: StepRecord | None = None if fwd.exit_threshold is None else []
-    x, aux, counts = run_trunk(executor, config, x, fwd, pending, record)
+    exits: dict[int, int] = {}
+    x, aux, counts = run_trunk(executor, config, x, fwd, pending, record, exits)
     if fwd.last_only:
         x = select_last(x, fwd.last_index)  # (B, 1, d)
     if record is not None:
-        x = exit_states(executor, fwd, x, record)
+        x = exit_states(executor, fwd, x, record, exits)
     if aux is not None:
         aux = aux / max(fwd.steps)
     logits = executor.head(x)
@@ -292,7 +299,9 @@ StepRecord = list[tuple[int, "Tensor | None", Tensor]]
 """`run_trunk`'s record: per block application (step i, its rows or None for all, their output states)."""
 
 
-def exit_states(executor: Executor, fwd: Forward, x: Tensor, record: StepRecord) -> Tensor:
+def exit_states(
+    executor: Executor, fwd: Forward, x: Tensor, record: StepRecord, exits: dict[int, int] | None = None
+) -> Tensor:
     """The state each token exits with, under `fwd.exit_threshold` (the reference's threshold
     exit: every loop ran; a token reads the first loop whose cumulative exit probability
     reaches its row's threshold, else its row's last loop).
@@ -301,6 +310,8 @@ def exit_states(executor: Executor, fwd: Forward, x: Tensor, record: StepRecord)
         executor: runs a model with an exit gate (`executor.exit_gate(states)` -> logits).
         x: (B, T', d) the final states (T' = 1 with `fwd.last_only`).
         record: `run_trunk`'s record of the forward.
+        exits: rows that stopped looping early (`fwd.exit_early`) -> their exit
+            loop, as `run_trunk` decided it (their later loops never ran).
 
     Returns:
         (B, T', d) the chosen states.
@@ -313,7 +324,7 @@ def exit_states(executor: Executor, fwd: Forward, x: Tensor, record: StepRecord)
     N = max(fwd.steps)
     states = x[:, None].expand(B, N, T, d).clone()  # (B, N, T', d); a row's unrun loops stay unread
     last = fwd.last_index
-    for i, (rows, out) in enumerate(_by_step(record, fwd)):
+    for i, rows, out in _by_step(record, fwd):
         if fwd.last_only:
             out = select_last(out, None if last is None else (last if rows is None else last[rows]))
         if rows is None:
@@ -329,22 +340,25 @@ def exit_states(executor: Executor, fwd: Forward, x: Tensor, record: StepRecord)
         reached = pdf.cumsum(-1) >= fwd.exit_threshold[rows_n].to(pdf.dtype)[:, None, None]
         first = reached.to(torch.int64).argmax(-1)
         chosen[rows_n] = torch.where(reached.any(-1), first, torch.full_like(first, n - 1))
+    for b, loop in (exits or {}).items():
+        chosen[b] = loop
     return states.gather(1, chosen[:, None, :, None].expand(B, 1, T, d)).squeeze(1)
 
 
-def _by_step(record: StepRecord, fwd: Forward) -> list[tuple[Tensor | None, Tensor]]:
-    """`run_trunk`'s record, one (rows, states) per step: a step that ran in several groups
-    (rows of different step counts applying different blocks) merged into one."""
+def _by_step(record: StepRecord, fwd: Forward) -> StepRecord:
+    """`run_trunk`'s record, one (i, rows, states) per step that ran: a step that ran in
+    several groups (rows of different step counts applying different blocks) merged into
+    one; a step no row ran (every row exited early) left out."""
     per_step: list[list[tuple[Tensor | None, Tensor]]] = [[] for _ in range(max(fwd.steps))]
     for i, rows, out in record:
         per_step[i].append((rows, out))
-    merged: list[tuple[Tensor | None, Tensor]] = []
-    for parts in per_step:
+    merged: StepRecord = []
+    for i, parts in enumerate(per_step):
         if len(parts) == 1:
-            merged.append(parts[0])
-        else:
+            merged.append((i, *parts[0]))
+        elif parts:
             rows = torch.cat([r for r, _ in parts if r is not None])
-            merged.append((rows, torch.cat([o for _, o in parts])))
+            merged.append((i, rows, torch.cat([o for _, o in parts])))
     return merged
 
 
@@ -372,6 +386,7 @@ def run_trunk(
     fwd: Forward,
     pending: list[tuple[Tensor, Tensor, Tensor]] | None = None,
     record: StepRecord | None = None,
+    exits: dict[int, int] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Integrate the trunk: the step schedule over `executor.block`, paged KV in and out.
 
@@ -382,6 +397,8 @@ def run_trunk(
             the last step (valid: step i reads only its own pages).
         record: if given, gets (step i, rows or None, the rows' output states
             (R, T, d)) for every block application (`exit_states`).
+        exits: with `fwd.exit_early`, gets row -> exit loop of each row whose
+            token stopped looping before its last loop (`_EarlyExit`).
 
     Returns:
         x (B, T, d) after the trunk, the summed aux loss and expert counts.
@@ -391,8 +408,13 @@ def run_trunk(
     writes: list[tuple[Tensor, Tensor, Tensor]] = [] if pending is None else pending
     aux_total: Tensor | None = None
     counts_total: Tensor | None = None
+    early = None if fwd.exit_early is None else _EarlyExit(executor, fwd, writes)
     for i, groups in enumerate(schedule):
         for k, rows in groups:
+            if early is not None and early.exited:
+                rows = early.running(rows)
+                if rows is not None and rows.numel() == 0:
+                    continue
             view = StepView(fwd, i, rows)
             xr = x if rows is None else x[rows]
             hr = h_all if rows is None else h_all[rows]
@@ -403,13 +425,74 @@ def run_trunk(
             x = out.x if rows is None else x.index_copy(0, rows, out.x)
             if record is not None:
                 record.append((i, rows, out.x))
+            if early is not None:
+                early.after_step(i, rows, out)
             if out.aux_loss is not None:
                 aux_total = out.aux_loss if aux_total is None else aux_total + out.aux_loss
             if out.counts is not None:
                 counts_total = out.counts if counts_total is None else counts_total + out.counts
     if pending is None:
         _write_pending(fwd, writes)
+    if early is not None and exits is not None:
+        exits.update(early.exited)
     return x, aux_total, counts_total
+
+
+class _EarlyExit:
+    """The compute-saving exit mode of `run_trunk` (experimental, `Forward.exit_early`).
+
+    After each loop, a flagged row's exit gate gives lambda_i = sigmoid(g_i); its
+    cumulative exit probability is sum_{j<=i} lambda_j prod_{l<j} (1 - lambda_l), the
+    reference's (`exit_distribution`'s cumsum, accumulated in the same order). The first
+    loop where it reaches the row's threshold, before the row's last loop, is its exit:
+    the token's output is that loop's state (as in the reference mode, whose choice for a
+    token depends only on its own loops so far), the row runs no later loop, and the loops
+    it skips get that loop's keys and values in their cache slots (later tokens read the
+    exit state's KV there: the CDB / Mixture-of-Recursions "copy" policy). Only the
+    decode's one-token rows are flagged (runtime/runner.py): a prompt runs every loop.
+    """
+
+    def __init__(self, executor: Executor, fwd: Forward, writes: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        gate = getattr(executor, "exit_gate", None)
+        if gate is None or fwd.exit_threshold is None:
+            raise ValueError("exit_early needs an exit_threshold and a model with an exit gate")
+        assert fwd.exit_early is not None
+        self.gate, self.fwd, self.writes = gate, fwd, writes
+        B = len(fwd.steps)
+        self.all_rows = torch.arange(B, device=fwd.tokens.device)
+        self.flagged = fwd.exit_early
+        self.before = torch.ones(B, device=fwd.tokens.device)  # prod (1 - lambda) over the loops so far
+        self.cdf = torch.zeros(B, device=fwd.tokens.device)
+        self.steps = torch.tensor(fwd.steps, device=fwd.tokens.device)
+        self.active = torch.ones(B, dtype=torch.bool, device=fwd.tokens.device)
+        self.exited: dict[int, int] = {}
+
+    def running(self, rows: Tensor | None) -> Tensor | None:
+        """The rows of a schedule group that have not exited (None = all of them)."""
+        idx = self.all_rows if rows is None else rows
+        idx = idx[self.active[idx]]
+        return None if idx.numel() == len(self.fwd.steps) else idx
+
+    def after_step(self, i: int, rows: Tensor | None, out: BlockOut) -> None:
+        idx = self.all_rows if rows is None else rows
+        flagged = self.flagged[idx]
+        if not bool(flagged.any()):
+            return
+        lam = torch.sigmoid(self.gate(out.x[:, -1]).squeeze(-1).float())  # (R,)
+        pdf = lam * self.before[idx]
+        cdf = self.cdf[idx] + pdf
+        self.cdf[idx] = cdf
+        self.before[idx] = self.before[idx] * (1.0 - lam)
+        thr = self.fwd.exit_threshold[idx].float()  # type: ignore[index]
+        leave = flagged & (cdf >= thr) & (self.steps[idx] > i + 1)
+        cache = self.fwd.cache
+        for p in leave.nonzero().flatten().tolist():
+            b = int(idx[p])
+            self.exited[b] = i
+            self.active[b] = False
+            if cache is not None:  # its skipped loops' slots get this loop's keys and values
+                for j in range(i + 1, self.fwd.steps[b]):
+                    self.writes.append((cache.slots[j, b : b + 1], out.k[p : p + 1], out.v[p : p + 1]))
 
 
 Schedule = list[list[tuple[int, "Tensor | None"]]]

@@ -306,6 +306,7 @@ def to_engine_request(
         draft_steps=c.draft_steps if c.HasField("draft_steps") else None,
         draft_tokens=c.draft_tokens if c.HasField("draft_tokens") else None,
         exit_threshold=c.exit_threshold if c.HasField("exit_threshold") else None,
+        exit_mode=c.exit_mode if c.HasField("exit_mode") else None,
     )
     now = time.monotonic()
     deadline = None

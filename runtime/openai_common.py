@@ -301,7 +301,7 @@ SHARED_FIELDS = frozenset(
         "model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
         "presence_penalty", "frequency_penalty", "logit_bias", "user", "seed",
         "top_k", "stop_token_ids", "priority", "truncate_prompt_tokens",
-        *COMPUTE_INTS, "quality", "latency_budget_ms", "exit_threshold",
+        *COMPUTE_INTS, "quality", "latency_budget_ms", "exit_threshold", "exit_mode",
     }
 )  # fmt: skip
 
@@ -344,6 +344,7 @@ def compute_fields(fields: dict[str, Any]) -> ComputeParams:
         quality=text_field("quality", fields["quality"]) if "quality" in fields else None,
         latency_budget_ms=number_field(fields, "latency_budget_ms"),
         exit_threshold=number_field(fields, "exit_threshold"),
+        exit_mode=text_field("exit_mode", fields["exit_mode"]) if "exit_mode" in fields else None,
         **{name: integer_field(fields, name) for name in COMPUTE_INTS},
     )
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.chat_template import ChatTemplate
-from runtime.types import MAX_DRAFT_TOKENS, MAX_LOGPROBS, QUALITY_TIERS
+from runtime.types import EXIT_MODES, MAX_DRAFT_TOKENS, MAX_LOGPROBS, QUALITY_TIERS
 from runtime.validation import MAX_LATENCY_BUDGET_MS, has_exit_gate
 
 
@@ -157,7 +157,9 @@ def compute_options(
             "calibrated": profile.cost_model is not None,
         },
         "truncate_prompt_tokens": {"min": 1, "max": mc.context_length},
-        "exit_threshold": {"min_exclusive": 0, "max": 1} if has_exit_gate(mc) else None,
+        "exit_threshold": (
+            {"min_exclusive": 0, "max": 1, "modes": list(EXIT_MODES)} if has_exit_gate(mc) else None
+        ),
         "speculation": {
             "draft_steps": {"min": lo, "max": hi - 1, "off": 0, "default": _draft_default(engine)},
             "draft_tokens": {
@@ -243,6 +245,13 @@ COMPUTE_SCHEMA: dict[str, Any] = {
         "description": "leanserve, models with an exit gate (Ouro): every loop runs and each token is "
         "read from the first loop whose cumulative exit probability reaches this threshold (the "
         "reference's threshold exit); data[].leanserve.exit_threshold says whether a model takes it",
+    },
+    "exit_mode": {
+        "type": "string",
+        "enum": list(EXIT_MODES),
+        "description": "leanserve, with exit_threshold: all_loops (the reference, default) or "
+        "stop_early (experimental: a generated token that exits stops looping; the loops it skips "
+        "get its exit loop's keys and values)",
     },
     "truncate_prompt_tokens": {
         "type": "integer",

@@ -141,6 +141,7 @@ class RequestState:
             history,
             draft,
             self.request.compute.exit_threshold,
+            self.request.compute.exit_mode == "stop_early",
         )
 
     def _span(self, lo: int, hi: int) -> list[int]:

@@ -73,6 +73,8 @@ class Row:
             (runtime/speculation.py): `tokens` is then the one fed token.
         exit_threshold: the request's exit-gate threshold (models with an
             exit gate), or None.
+        exit_early: its generated tokens stop looping at their exit loop
+            (`exit_mode` "stop_early"; applied to one-token rows only).
     """
 
     request_id: str
@@ -86,6 +88,7 @@ class Row:
     generated: list[int] = field(default_factory=list)
     draft: DraftRound | None = None
     exit_threshold: float | None = None
+    exit_early: bool = False
 
 
 @dataclass
@@ -265,10 +268,12 @@ class ModelRunner:
             last_index = None if last_index is None else last_index.to(dev)
         cache = CacheView.from_tables(self.storage, tables[:, :, :P], positions, pad)
         steps = tuple(steps_list)
-        exit_threshold = None
+        exit_threshold = exit_early = None
         if any_exit:  # above 1: never reached, the row's ordinary output
             thresholds = [2.0 if r.exit_threshold is None else r.exit_threshold for r in rows]
             exit_threshold = torch.tensor(thresholds, dtype=torch.float32, device=dev)
+            if T == 1 and any(r.exit_early for r in rows):  # a prompt (chunk) runs every loop
+                exit_early = torch.tensor([r.exit_early for r in rows], dtype=torch.bool, device=dev)
         return Forward(
             tokens,
             positions,
@@ -278,6 +283,7 @@ class ModelRunner:
             last_index,
             last_only=not all_logits,
             exit_threshold=exit_threshold,
+            exit_early=exit_early,
         )
 
     def _block_tables(self, ids: tuple[str, ...]) -> torch.Tensor:

@@ -95,6 +95,10 @@ class ComputeParams:
             loop runs (all of them unless `steps` says fewer) and each token is
             read from the first loop whose cumulative exit probability reaches
             it, else the last; the reference's threshold exit. None = off.
+        exit_mode: with `exit_threshold`: "all_loops" (the reference: every
+            loop runs, None means this) or "stop_early" (experimental: a
+            generated token that exits stops looping, the loops it skips get
+            its exit loop's keys and values; the prompt runs every loop).
     """
 
     steps: int | None = None
@@ -105,8 +109,10 @@ class ComputeParams:
     draft_steps: int | None = None
     draft_tokens: int | None = None
     exit_threshold: float | None = None
+    exit_mode: str | None = None
 
 
+EXIT_MODES = ("all_loops", "stop_early")
 MAX_DRAFT_TOKENS = 8  # draft_tokens' bound: a round's verification forward holds draft_tokens + 1 tokens
 
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from models.config import ModelConfig
 from runtime.policy import Tier
-from runtime.types import MAX_LOGPROBS, GenerationRequest, InvalidRequestError
+from runtime.types import EXIT_MODES, MAX_LOGPROBS, GenerationRequest, InvalidRequestError
 
 # Size limits, checked before any work is done on a field (a client is hostile
 # until proven otherwise). The prompt's own limit comes from the model: see
@@ -282,6 +282,11 @@ def validate_request(
             raise InvalidRequestError(
                 "draft_steps", c.draft_steps, "must be 0 or unset with exit_threshold (no speculation)"
             )
+    if c.exit_mode is not None:
+        if t is None:
+            raise InvalidRequestError("exit_mode", c.exit_mode, "needs exit_threshold")
+        if not isinstance(c.exit_mode, str) or c.exit_mode not in EXIT_MODES:
+            raise InvalidRequestError("exit_mode", c.exit_mode, f"must be one of {', '.join(EXIT_MODES)}")
     from runtime.speculation import validate as validate_speculation  # imports this module's helpers
 
     validate_speculation(c, config)

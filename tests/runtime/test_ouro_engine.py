@@ -102,7 +102,7 @@ def test_the_dial_reports_the_loop_range(ouro_tiny_dir):
     opts = compute_options(engine)
     assert opts["steps"] == {"min": 1, "max": 4, "default": 4}
     assert opts["experts"] is None and opts["backend"] == "torch"
-    assert opts["exit_threshold"] == {"min_exclusive": 0, "max": 1}
+    assert opts["exit_threshold"] == {"min_exclusive": 0, "max": 1, "modes": ["all_loops", "stop_early"]}
     from runtime.grpc_servicer import model_info
     from runtime.proto_build import load_stubs
 
@@ -303,3 +303,80 @@ def test_exit_threshold_is_refused_where_it_cannot_apply(ouro_tiny_dir, tiny_mod
             await lean.stop()
 
     arun(scenario())
+
+
+def test_stop_early_exit_mode_saves_loops_and_frees_the_kv(ouro_tiny_dir, arun):
+    """exit_mode "stop_early" (experimental): a generated token stops looping at its exit loop.
+    Its own choice is the reference's (it depends on its loops so far), and the prompt runs
+    every loop, so the first two tokens equal the reference's threshold tokens; later tokens
+    read copied KV in the loops earlier tokens skipped. The decode runs fewer loops, plain rows
+    batched with it keep their tokens, and every page is freed."""
+    from models.ouro import OuroExecutor
+
+    engine = _engine(ouro_tiny_dir)
+    applied: list[int] = []  # rows per loop application of one-token forwards
+    block = OuroExecutor.block
+
+    def counting(self, k, x, h, view, setting):
+        if x.shape[1] == 1:
+            applied.append(x.shape[0])
+        return block(self, k, x, h, view, setting)
+
+    OuroExecutor.block = counting
+    try:
+        early = _threshold_request("early", 0.25)
+        early.compute.exit_mode = "stop_early"
+        results = _run_batch(engine, [early, _request("plain4", 4)], arun)
+    finally:
+        OuroExecutor.block = block
+    (_, ids, last), (_, plain, _) = results
+    gold = GOLDEN["threshold"]["a"]["0.25"]["greedy"]
+    assert ids[:2] == gold[:2] and len(ids) == 8
+    assert last.steps == 4  # the loops it may run; the decode ran fewer
+    assert plain == GOLDEN["loops"]["a"]["4"]["greedy"]
+    # 7 decode iterations of 2 rows at 4 loops would apply 7 x 4 loops to 2 rows each.
+    assert sum(applied) < 7 * 4 * 2, applied
+    assert engine.stats().kv_used_bytes == 0
+
+
+def test_stop_early_at_an_unreachable_threshold_is_the_all_loops_mode(ouro_tiny_dir, arun):
+    requests = []
+    for mode in ("all_loops", "stop_early"):
+        r = _threshold_request(mode, 1.0)
+        r.compute.exit_mode = mode
+        requests.append(r)
+    (_, a, _), (_, b, _) = _run_batch(_engine(ouro_tiny_dir), requests, arun)
+    assert a == b == GOLDEN["loops"]["a"]["4"]["greedy"]
+
+
+def test_exit_mode_is_checked(ouro_tiny_dir, arun):
+    from runtime.types import InvalidRequestError
+
+    engine = _engine(ouro_tiny_dir)
+
+    async def scenario():
+        await engine.start()
+        try:
+            bad = _threshold_request("m", 0.5)
+            bad.compute.exit_mode = "sometimes"
+            with pytest.raises(InvalidRequestError, match="all_loops, stop_early") as e:
+                engine.submit(bad)
+            assert e.value.field == "exit_mode"
+            alone = _request("n", 4)
+            alone.compute.exit_mode = "stop_early"
+            with pytest.raises(InvalidRequestError, match="needs exit_threshold"):
+                engine.submit(alone)
+        finally:
+            await engine.stop()
+
+    arun(scenario())
+
+
+def test_stop_early_alone_when_every_row_exits_at_the_first_loop(ouro_tiny_dir, arun):
+    """A decode forward whose only row exits after loop 1: the later loops run no row at all.
+    For prompt "a" at 0.25 every generated token exits at loop 1 (measured), so no token ever
+    reads copied KV and the tokens are the reference's."""
+    r = _threshold_request("alone", 0.25)
+    r.compute.exit_mode = "stop_early"
+    ((_, ids, _),) = _run_batch(_engine(ouro_tiny_dir), [r], arun)
+    assert ids == GOLDEN["threshold"]["a"]["0.25"]["greedy"]
