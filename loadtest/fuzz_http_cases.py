@@ -46,6 +46,7 @@ HTTP_FIELDS = (
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options",
     "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "best_of", "logit_bias", "user",
     "suffix", "seed", "steps", "quality", "latency_budget_ms", "experts_top_k", "expert_depth", "priority",
+    "draft_steps", "draft_tokens", "exit_threshold", "exit_mode", "truncate_prompt_tokens", "stop_token_ids",
 )  # fmt: skip
 
 

@@ -96,9 +96,7 @@ def plot_all(report: SweepReport, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     name = report.model.get("name", "?")
-    steps = sorted((p for p in report.points if p.group == "steps" and p.mean_steps is not None),
-                   key=lambda p: p.mean_steps or 0)  # fmt: skip
-    xs = [p.mean_steps for p in steps]
+    steps, xs, x_label, x_title = _x_axis(report)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, metric in zip(axes, ("ttft", "itl", "e2e"), strict=True):
@@ -109,13 +107,13 @@ def plot_all(report: SweepReport, out: Path) -> None:
         if metric == "e2e" and any(p.predicted_e2e_ms is not None for p in steps):
             ax.plot(xs, [p.predicted_e2e_ms for p in steps], "k-", alpha=0.5, label="cost model (mean)")
         if not xs:
-            _no_data(ax, "no steps points")
-        ax.set_xlabel("ODE steps per token")
+            _no_data(ax, "no steps or rate points")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(f"{metric.upper()} (ms)")
         if xs:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{name}: latency vs steps")
+    fig.suptitle(f"{name}: latency vs {x_title}")
     fig.tight_layout()
     fig.savefig(out / "latency_vs_steps.png", dpi=100)
     plt.close(fig)
@@ -129,23 +127,23 @@ def plot_all(report: SweepReport, out: Path) -> None:
         ax_tok.plot(xs, [p.tokens_per_s for p in steps], "^-", color="tab:green", label="output tokens/s")
         ax_tok.legend(fontsize=8)
     else:
-        _no_data(ax_req, "no steps points")
-        _no_data(ax_tok, "no steps points")
+        _no_data(ax_req, "no steps or rate points")
+        _no_data(ax_tok, "no steps or rate points")
     for ax, unit in ((ax_req, "requests/s"), (ax_tok, "tokens/s")):
-        ax.set_xlabel("ODE steps per token")
+        ax.set_xlabel(x_label)
         ax.set_ylabel(unit)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{name}: throughput vs steps")
+    fig.suptitle(f"{name}: throughput vs {x_title}")
     fig.tight_layout()
     fig.savefig(out / "throughput_vs_steps.png", dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    qual = [p for p in report.points if p.group in ("steps", "experts", "tier")
+    qual = [p for p in report.points if p.group in ("steps", "experts", "tier", "rate")
             and p.perplexity is not None and p.e2e_p99_ms is not None]  # fmt: skip
     if qual:
-        for group, marker in (("steps", "o"), ("experts", "s"), ("tier", "*")):
+        for group, marker in (("steps", "o"), ("experts", "s"), ("tier", "*"), ("rate", "D")):
             pts = [p for p in qual if p.group == group]
             if not pts:  # a legend entry without points says nothing
                 continue
@@ -174,6 +172,19 @@ def plot_all(report: SweepReport, out: Path) -> None:
     over = [p for p in report.points if p.group == "overload"]
     if over:
         plot_overload(report, over, out / "overload_timeseries.png")
+
+
+def _x_axis(report: SweepReport) -> tuple[list[PointResult], list[float], str, str]:
+    """The points the latency and throughput plots draw, their x values, axis label and title
+    word: the steps points against their mean steps; without any, the offered-rate points
+    (`--rates`, one setting at several loads) against their rate; else nothing."""
+    steps = sorted((p for p in report.points if p.group == "steps" and p.mean_steps is not None),
+                   key=lambda p: p.mean_steps or 0)  # fmt: skip
+    if steps:
+        return steps, [p.mean_steps or 0.0 for p in steps], "ODE steps per token", "steps"
+    rates = sorted((p for p in report.points if p.group == "rate" and p.rate is not None),
+                   key=lambda p: p.rate or 0)  # fmt: skip
+    return rates, [p.rate or 0.0 for p in rates], "offered requests/s", "offered rate"
 
 
 def plot_overload(report: SweepReport, over: list[PointResult], path: Path) -> None:

@@ -585,6 +585,11 @@ def _compare_cost_model(report: SweepReport) -> None:
     ]  # fmt: skip
     if pairs:
         report.cost_r2 = r_squared([m for m, _ in pairs], [p for _, p in pairs])
+    elif any(p.predicted_e2e_ms is not None for p in report.points):
+        report.notes.append(
+            "no cost-model R^2: it compares the steps, experts and tier points (settings at one load), "
+            "and this run has none; the predicted E2E column is still filled per point"
+        )
     else:
         report.notes.append("no cost-model comparison: pass --model-dir with profile.json and config.json")
 

@@ -55,16 +55,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ConfigError, ModelConfig
+from models.exits import exit_distribution
 from models.kv_cache import KVBatch
 from models.layers import BlockOut
-from models.trunk import (
-    ModelOutput,
-    StepView,
-    describe,
-    exit_distribution,
-    generate_sequence,
-    run_forward,
-)
+from models.trunk import ModelOutput, StepView, describe, generate_sequence, run_forward
 
 
 @dataclass

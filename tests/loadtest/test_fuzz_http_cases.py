@@ -33,3 +33,11 @@ def test_dumps_with_raw_inserts_verbatim_text() -> None:
     assert (
         fuzz_http_cases.deep_json(3) == "[[[]]]" and fuzz_http_cases.deep_json(2, "dict") == '{"a":{"a":1}}'
     )
+
+
+def test_every_field_the_server_accepts_gets_hostile_values():
+    """A field added to the OpenAI routes (runtime/openai_common.py SHARED_FIELDS) is fuzzed too."""
+    from loadtest.fuzz_http_cases import HTTP_FIELDS
+    from runtime.openai_common import SHARED_FIELDS
+
+    assert not set(SHARED_FIELDS) - set(HTTP_FIELDS)

@@ -85,6 +85,26 @@ def test_throughput_has_an_axis_and_a_legend_per_quantity(tmp_path: Path, figure
     assert list(tokens) == pytest.approx([p.tokens_per_s for p in _report().points])
 
 
+def test_a_rates_only_run_plots_latency_and_throughput_against_the_offered_rate(
+    tmp_path: Path, figures: list[Any]
+) -> None:
+    """`--steps none --rates ...` (one setting, several loads): no empty panels."""
+    profile = Profile()
+    points = []
+    for rate in (6.0, 2.0, 10.0):
+        p = _point("rate", f"{rate:g}/s", 4, profile)
+        p.rate = rate
+        points.append(p)
+    cfg = {"mode": "open", "max_requests": 5, "duration_s": 2.0, "max_tokens": 4, "slo": {}}
+    report_mod.plot_all(SweepReport(MODEL, cfg, points), tmp_path)
+    for title in ("latency vs offered rate", "throughput vs offered rate"):
+        fig = _figure(figures, title)
+        for ax in fig.axes:
+            assert ax.get_xlabel() == "offered requests/s"
+            assert [list(line.get_xdata()) for line in ax.get_lines()][0] == [2.0, 6.0, 10.0]
+            assert not ax.texts  # no "no data" placeholder
+
+
 def test_quality_plot_lists_only_series_with_points(tmp_path: Path, figures: list[Any]) -> None:
     settings = [{"steps": n, "experts": None, "perplexity": 10.0 - n} for n in range(2, 9)]
     report_mod.plot_all(_report(Profile({"settings": settings})), tmp_path)
@@ -106,3 +126,16 @@ def test_blank_columns_are_explained(tmp_path: Path) -> None:
     profiled = _report(Profile({"settings": settings}), profile_path="p.json")
     assert [n.split(" is blank")[0] for n in blank_column_notes(profiled)] == ["predicted E2E"]
     assert "leaves out queueing" in markdown(profiled)  # the cost model's gap, explained
+
+
+def test_the_cost_model_note_says_why_there_is_no_r2() -> None:
+    from loadtest.sweep import _compare_cost_model
+
+    cfg = {"mode": "open", "max_requests": 5, "duration_s": 2.0, "max_tokens": 4, "slo": {}}
+    rates = SweepReport(MODEL, cfg, [_point("rate", "2/s", 4, Profile())])
+    rates.points[0].predicted_e2e_ms = 50.0  # a profile with a cost model was given
+    _compare_cost_model(rates)
+    assert rates.cost_r2 is None and "this run has none" in rates.notes[-1]
+    bare = SweepReport(MODEL, cfg, [_point("rate", "2/s", 4, Profile())])
+    _compare_cost_model(bare)
+    assert "pass --model-dir" in bare.notes[-1]
