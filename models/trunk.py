@@ -69,11 +69,15 @@ class ModelOutput:
             else None.
         expert_counts: (n_expert_slots,) tokens routed to each expert or tree
             node, summed over steps and blocks; None for a dense FFN.
+        loops_run: with `Forward.exit_threshold`, the loops computed for each
+            row's last token, B host ints (its steps, or its exit loop + 1 when
+            it stopped early); None otherwise.
     """
 
     logits: Tensor
     aux_loss: Tensor | None = None
     expert_counts: Tensor | None = None
+    loops_run: list[int] | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -272,10 +276,12 @@ def run_forward(executor: Executor, config: ModelConfig, fwd: Forward) -> ModelO
     x, aux, counts = run_trunk(executor, config, x, fwd, pending, record, exits)
     if fwd.last_only:
         x = select_last(x, fwd.last_index)  # (B, 1, d)
+    loops_run = None
     if record is not None:
         from models.exits import exit_states
 
         x = exit_states(executor, fwd, x, record, exits)
+        loops_run = [exits[b] + 1 if b in exits else n for b, n in enumerate(fwd.steps)]
     if aux is not None:
         aux = aux / max(fwd.steps)
     logits = executor.head(x)
@@ -283,7 +289,7 @@ def run_forward(executor: Executor, config: ModelConfig, fwd: Forward) -> ModelO
     # work made AOTInductor copy the whole pool (~25 ms for 64 MiB) instead
     # of writing the input in place.
     _write_pending(fwd, pending)
-    return ModelOutput(logits, aux, counts)
+    return ModelOutput(logits, aux, counts, loops_run)
 
 
 def _write_pending(fwd: Forward, pending: list[tuple[Tensor, Tensor, Tensor]]) -> None:

@@ -392,6 +392,8 @@ def to_response(pb2: Any, out: RequestOutput) -> Any:
     compute = pb2.ComputeUsed(steps=out.steps, policy_reason=out.policy_reason)
     if out.experts is not None:
         compute.experts = out.experts
+    if out.mean_loops is not None:
+        compute.mean_loops = out.mean_loops
     r = out.speculation
     if r is not None:
         compute.speculation.CopyFrom(
@@ -445,6 +447,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         total_s=last.total_s,
         logprobs=None if last.logprobs is None else [lp for o in outputs for lp in o.logprobs or ()],
         speculation=last.speculation,
+        mean_loops=last.mean_loops,
     )
 
 

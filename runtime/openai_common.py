@@ -520,6 +520,8 @@ def leanserve_block(out: RequestOutput) -> dict[str, Any]:
     """The extra `leanserve` object of a response: the compute the request used (with a
     `speculation` object when the request could speculate: runtime/speculation.py)."""
     block: dict[str, Any] = {"steps": out.steps, "experts": out.experts, "policy_reason": out.policy_reason}
+    if out.mean_loops is not None:
+        block["mean_loops"] = out.mean_loops
     r = out.speculation
     if r is not None:
         block["speculation"] = {

@@ -125,6 +125,7 @@ class OutputProcessor:
         """One row's new token -> timings, text, stop strings, the output delta."""
         token = result.tokens[seq.request_id]
         self.tokens += 1
+        state.loops_run += result.loops.get(seq.request_id, seq.steps)
         self._observe(state.record_token(now))
         text, stopped = state.text_for(token)
         if stopped:

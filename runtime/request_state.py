@@ -73,6 +73,7 @@ class RequestState:
     itls: list[float] = field(default_factory=list)
     done: bool = False
     spec: SpecState | None = None
+    loops_run: int = 0  # loops computed over the generated tokens (requests with an exit threshold)
 
     @classmethod
     def create(
@@ -226,7 +227,15 @@ class RequestState:
             total_s=total,
             logprobs=(logprobs or []) if self.request.sampling.logprobs is not None else None,
             speculation=None if self.spec is None else dataclasses.replace(self.spec.report),
+            mean_loops=self._mean_loops(),
         )
+
+    def _mean_loops(self) -> float | None:
+        """Loops computed per generated token so far (requests with an exit threshold), else None."""
+        n = len(self.seq.output_ids)
+        if self.request.compute.exit_threshold is None or n == 0:
+            return None
+        return self.loops_run / n
 
     def stats(self, reason: str) -> RequestStats:
         """The record of the request when it leaves the engine (same timings as `output`)."""

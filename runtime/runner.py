@@ -98,6 +98,7 @@ class IterationResult:
     Attributes:
         tokens: one token per ordinary row.
         spec: the round of each speculating row (its tokens are there, not in `tokens`).
+        loops: loops computed for the token of each row with an exit threshold.
     """
 
     tokens: dict[str, int] = field(default_factory=dict)
@@ -106,6 +107,7 @@ class IterationResult:
     expert_counts: list[int] = field(default_factory=list)
     duration_s: float = 0.0
     spec: dict[str, SpecOutcome] = field(default_factory=dict)
+    loops: dict[str, int] = field(default_factory=dict)
 
 
 class Plan(list[tuple[Forward, list[Row]]]):
@@ -303,6 +305,10 @@ class ModelRunner:
         spec = getattr(plan, "spec", None)
         for fwd, rows in plan:
             out = self.backend.forward(fwd)
+            if out.loops_run is not None:
+                for row, loops in zip(rows, out.loops_run):
+                    if row.exit_threshold is not None:
+                        result.loops[row.request_id] = loops
             logits = out.logits[:, -1, :]
             if spec is not None:  # the first draft forward's rows share the plan's forwards
                 own = [b for b, r in enumerate(rows) if id(r) not in spec.first]

@@ -187,6 +187,9 @@ class RequestOutput:
             log-probabilities, else None.
         speculation: the request's speculative decoding so far (None: it
             never speculated); see `SpecReport`.
+        mean_loops: requests with `exit_threshold`: loops computed per
+            generated token so far (fewer than `steps` when tokens stopped
+            early, `exit_mode` "stop_early"); None otherwise.
     """
 
     request_id: str
@@ -204,6 +207,7 @@ class RequestOutput:
     total_s: float | None = None
     logprobs: list[TokenLogprob] | None = None
     speculation: SpecReport | None = None
+    mean_loops: float | None = None
 
 
 @dataclass

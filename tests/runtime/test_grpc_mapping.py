@@ -128,6 +128,15 @@ def test_response_fields_and_finish_reasons():
     assert resp.timings.first_token_s == pytest.approx(0.01)
     assert conv.to_response(pb2, _out(finished=False, finish_reason=None)).finish_reason == 0
     assert conv.to_response(pb2, _out(finish_reason="stop", experts=2)).compute.experts == 2
+    assert not resp.compute.HasField("mean_loops")  # only requests with an exit threshold
+    assert conv.to_response(pb2, _out(mean_loops=2.5)).compute.mean_loops == 2.5
+    assert conv.merge_outputs([_out(mean_loops=4.0), _out(mean_loops=2.5)]).mean_loops == 2.5
+    from runtime.openai_common import leanserve_block
+
+    assert (
+        "mean_loops" not in leanserve_block(_out())
+        and leanserve_block(_out(mean_loops=2.5))["mean_loops"] == 2.5
+    )
     merged = conv.merge_outputs(
         [_out(text="a", token_ids=[1], finished=False), _out(text="b", token_ids=[2])]
     )

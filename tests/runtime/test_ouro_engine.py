@@ -258,6 +258,7 @@ def test_exit_threshold_per_request_gives_the_reference_tokens_batched(ouro_tiny
     forwards = _forwards_seen(engine)
     reqs = [_threshold_request(f"t{t}", float(t)) for t in thresholds]
     results = _run_batch(engine, reqs + [_request("plain2", 2), _request("plain4", 4)], arun)
+    assert [r[2].mean_loops for r in results] == [4.0, 4.0, 4.0, 4.0, None, None]
     seen = [f.exit_threshold for f in forwards]
     for t, (_, ids, last) in zip(thresholds, results):
         assert ids == GOLDEN["threshold"]["a"][t]["greedy"], t
@@ -333,6 +334,7 @@ def test_stop_early_exit_mode_saves_loops_and_frees_the_kv(ouro_tiny_dir, arun):
     gold = GOLDEN["threshold"]["a"]["0.25"]["greedy"]
     assert ids[:2] == gold[:2] and len(ids) == 8
     assert last.steps == 4  # the loops it may run; the decode ran fewer
+    assert 1 <= last.mean_loops < 4  # what it ran, reported
     assert plain == GOLDEN["loops"]["a"]["4"]["greedy"]
     # 7 decode iterations of 2 rows at 4 loops would apply 7 x 4 loops to 2 rows each.
     assert sum(applied) < 7 * 4 * 2, applied
@@ -345,8 +347,9 @@ def test_stop_early_at_an_unreachable_threshold_is_the_all_loops_mode(ouro_tiny_
         r = _threshold_request(mode, 1.0)
         r.compute.exit_mode = mode
         requests.append(r)
-    (_, a, _), (_, b, _) = _run_batch(_engine(ouro_tiny_dir), requests, arun)
+    (_, a, last_a), (_, b, last_b) = _run_batch(_engine(ouro_tiny_dir), requests, arun)
     assert a == b == GOLDEN["loops"]["a"]["4"]["greedy"]
+    assert last_a.mean_loops == last_b.mean_loops == 4.0
 
 
 def test_exit_mode_is_checked(ouro_tiny_dir, arun):
@@ -378,5 +381,7 @@ def test_stop_early_alone_when_every_row_exits_at_the_first_loop(ouro_tiny_dir, 
     reads copied KV and the tokens are the reference's."""
     r = _threshold_request("alone", 0.25)
     r.compute.exit_mode = "stop_early"
-    ((_, ids, _),) = _run_batch(_engine(ouro_tiny_dir), [r], arun)
+    ((_, ids, last),) = _run_batch(_engine(ouro_tiny_dir), [r], arun)
     assert ids == GOLDEN["threshold"]["a"]["0.25"]["greedy"]
+    # The first token came from the prompt's forward (every loop), the 7 others after 1 loop each.
+    assert last.mean_loops == pytest.approx((4 + 7 * 1) / 8)
