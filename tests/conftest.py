@@ -36,9 +36,12 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     _session_status.append(int(exitstatus))
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config) -> None:
-    """Ends the process with pytest's exit status once pytest is done with everything.
+    """Ends the process with pytest's exit status once the run is reported.
+
+    First of the unconfigure hooks (the summary is printed and the cache written in
+    `pytest_sessionfinish`, before this): the less teardown runs, the less can crash.
 
     The test process has loaded torch (inductor, AOTInductor runners), onnxruntime,
     grpcio (sync and aio, several event loops) and a Ray driver; tearing all of that
