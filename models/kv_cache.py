@@ -248,7 +248,7 @@ class PageAllocator:
         per_step = need // seq.steps
         for step_pages in seq.pages:
             step_pages.extend(self._free.pop() for _ in range(per_step))
-        seq.capacity = len(seq.pages[0]) * self.page_size
+        seq.capacity = self._held_tokens(seq)
         self.version += 1
         return need
 
@@ -268,8 +268,7 @@ class PageAllocator:
 
     def capacity(self, seq_id: object) -> int:
         """Tokens the sequence's reservation holds (its page lists' length x page size)."""
-        seq = self._seqs[seq_id]
-        return len(seq.pages[0]) * self.page_size
+        return self._held_tokens(self._seqs[seq_id])
 
     def steps(self, seq_id: object) -> int:
         return self._seqs[seq_id].steps
@@ -277,7 +276,11 @@ class PageAllocator:
     def reservation(self, seq_id: object) -> tuple[int, int] | None:
         """(steps, capacity in tokens) of the sequence's reservation, or None when it holds none."""
         seq = self._seqs.get(seq_id)
-        return None if seq is None else (seq.steps, len(seq.pages[0]) * self.page_size)
+        return None if seq is None else (seq.steps, self._held_tokens(seq))
+
+    def _held_tokens(self, seq: _Sequence) -> int:
+        """Tokens a sequence's page lists hold (each step's list has the same length)."""
+        return len(seq.pages[0]) * self.page_size
 
     def pages(self, seq_id: object) -> list[list[int]]:
         """The sequence's page ids per step (do not modify)."""

@@ -223,7 +223,6 @@ class KVAllocator(Protocol):
     """The part of `models.kv_cache.PageAllocator` the scheduler uses."""
 
     num_pages: int
-    page_size: int
 
     @property
     def free_pages(self) -> int: ...
@@ -354,11 +353,11 @@ class Scheduler:
     @property
     def kv_pages_used(self) -> int:
         """Pages holding cached tokens (the rest of the allocated pages are reserved ahead)."""
-        page = self.kv.page_size
+        kv = self.kv
         used = 0
-        for seq in self.running:  # every iteration (IterationStats): arithmetic inline
-            if seq.num_cached:
-                used += (seq.steps + seq.draft_steps) * -(-seq.num_cached // page)
+        for seq in self.running:  # every iteration (IterationStats): one call per row
+            if seq.num_cached:  # the draft's entries cover the same tokens
+                used += kv.pages_needed(seq.steps + seq.draft_steps, seq.num_cached)
         return used
 
     def num_waiting_for(self, client_id: str) -> int:

@@ -46,10 +46,9 @@ def pytest_unconfigure(config) -> None:
     The test process has loaded torch (inductor, AOTInductor runners), onnxruntime,
     grpcio (sync and aio, several event loops) and a Ray driver; tearing all of that
     down in the interpreter's finalisation crashed CI once after every test had passed
-    (`1131 passed`, then exit 139, a segmentation fault in no test). Nothing is left
-    to run or report at this point (the summary is printed, the cache written), so
-    the process exits here, without finalisation, with the exit status pytest chose
-    (5 for no tests stays 5). Set LEANSERVE_PYTEST_FINALIZE=1 to exit normally (to
+    (`1131 passed`, then exit 139, a segmentation fault in no test). So the process
+    exits here, without finalisation, with the exit status pytest chose (5 for no
+    tests stays 5). Set LEANSERVE_PYTEST_FINALIZE=1 to exit normally (to
     debug a crash at exit; scripts/test.sh sets PYTHONFAULTHANDLER, which prints it).
     """
     if not _session_status or os.environ.get("LEANSERVE_PYTEST_FINALIZE") == "1":

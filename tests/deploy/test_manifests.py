@@ -409,27 +409,24 @@ def test_servicer_functions_import():
 
 
 # --- Prometheus and Grafana ------------------------------------------------------------------------
-def test_promtool_check_rules():
-    promtool = _tool("promtool")
+def _promtool(command: str, rules_file: str) -> None:
+    """`promtool <command> rules deploy/prometheus/<rules_file>` succeeds."""
     out = subprocess.run(
-        [promtool, "check", "rules", str(DEPLOY / "prometheus" / "rules.yaml")],
+        [_tool("promtool"), command, "rules", str(DEPLOY / "prometheus" / rules_file)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_check_rules():
+    _promtool("check", "rules.yaml")
 
 
 def test_promtool_unit_tests_of_the_alerts():
     """deploy/prometheus/rules_test.yaml: the speculation and KV-preemption alerts fire when they should."""
-    promtool = _tool("promtool")
-    out = subprocess.run(
-        [promtool, "test", "rules", str(DEPLOY / "prometheus" / "rules_test.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
+    _promtool("test", "rules_test.yaml")
 
 
 def leanserve_metric_names() -> set[str]:
