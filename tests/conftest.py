@@ -1,7 +1,7 @@
 """Shared pytest configuration.
 
 Kept minimal on purpose: nothing is read from or written to the environment at import
-time. Markers (`slow`, `integration`) and the default timeout live in pyproject.toml.
+time. Markers (`slow`, `integration`, `cuda`) and the default timeout live in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -29,6 +29,20 @@ def pytest_report_header(config) -> list[str]:
 
 # --- leaving the interpreter -----------------------------------------------------------------------
 _session_status: list[int] = []
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip `cuda` tests, with the reason shown in the summary, where torch sees no GPU."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); scripts/gpu_check.sh runs these on one")
+    for item in marked:
+        item.add_marker(skip)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
