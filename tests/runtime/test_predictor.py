@@ -97,15 +97,20 @@ def test_online_correction_converges_after_a_slowdown(config):
     backend = Backend(pred)
     backend.run(clock, 200, seed=1)
     mix = {4: 5}
-    pred.on_stats(iteration(mix, 0))
+
+    def probe() -> None:  # one more iteration at `mix`, with the period the backend takes
+        clock.t += backend.period(mix, 0)
+        pred.on_stats(iteration(mix, 0))
+
+    probe()
     before = pred.predict(4, 8, 16, batch=6).period_s
     assert before == pytest.approx(backend.period({4: 6}, 0), rel=0.05)
     backend.scale = 3.0
     backend.run(clock, 30, seed=2)
-    pred.on_stats(iteration(mix, 0))
+    probe()
     assert pred.predict(4, 8, 16, batch=6).period_s < 0.8 * backend.period({4: 6}, 0)  # still learning
     backend.run(clock, 170, seed=3)
-    pred.on_stats(iteration(mix, 0))
+    probe()
     after = pred.predict(4, 8, 16, batch=6).period_s
     assert after == pytest.approx(backend.period({4: 6}, 0), rel=0.08)
 
