@@ -87,6 +87,7 @@ FEATURES = ("model", "prefill", "constant", "rows")
 PRIOR = (1.0, 1.0, 0.0, 0.0)
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # batch buckets: upper bounds
 _PENDING_MAX = 4096  # predictions awaiting their request's stats
+_MEMO_MAX = 1024  # batch shapes whose model time is remembered
 
 
 def batch_bucket(rows: float) -> int:
@@ -184,6 +185,7 @@ class LatencyPredictor:
         self._theta = np.array(PRIOR, dtype=np.float64)
         self._samples: deque[tuple[float, float, float, float, float]] = deque(maxlen=ITER_WINDOW)
         self._since_fit = 0
+        self._model_memo: dict[tuple[int, tuple[tuple[int, int], ...], int], float] = {}
         self._last_iter_t: float | None = None
         self._last_busy = False
         self.last_period_s: float | None = None
@@ -215,9 +217,20 @@ class LatencyPredictor:
         rows = float(sum(s.steps_histogram.values())) or 1.0
         shares = {n: c / rows for n, c in s.steps_histogram.items()}
         mean_steps = sum(n * w for n, w in shares.items())
-        model = (
-            self.batch.model_seconds(float(s.num_decode), shares, self._context()) if s.num_decode else 0.0
-        )
+        model = 0.0
+        if s.num_decode:
+            # Steady decoding repeats the same batch shape every iteration: price it once
+            # (~30 us of cost-table lookups at N=12), per whole token of context.
+            context = self._context()
+            key = (s.num_decode, tuple(sorted(s.steps_histogram.items())), int(context))
+            cached = self._model_memo.get(key)
+            if cached is None:
+                if len(self._model_memo) >= _MEMO_MAX:
+                    self._model_memo.clear()
+                cached = self._model_memo[key] = self.batch.model_seconds(
+                    float(s.num_decode), shares, context
+                )
+            model = cached
         prefill = (
             s.num_prefill * self.batch.prefill_seconds(mean_steps, self.prompt_tokens)
             if s.num_prefill

@@ -200,3 +200,19 @@ def test_fresh_predictor_uses_the_default_margin(config):
     assert p.source == "default" and p.bound_s == pytest.approx(DEFAULT_MARGIN * p.model_s + TRANSPORT_S)
     with pytest.raises(ValueError, match="quantile"):
         LatencyPredictor(config, COST, quantile=1.0)
+
+
+def test_repeated_batch_shapes_are_priced_once_with_the_same_result(config, monkeypatch):
+    """The per-iteration features remember a batch shape's model time: same value, one pricing."""
+    pred = LatencyPredictor(config, COST, clock=Clock())
+    calls = []
+    real = pred.batch.model_seconds
+    monkeypatch.setattr(pred.batch, "model_seconds", lambda *a: calls.append(a) or real(*a))
+    first = pred._features(iteration({4: 3, 6: 1}, 0))
+    again = pred._features(iteration({6: 1, 4: 3}, 0))
+    other = pred._features(iteration({4: 4}, 0))
+    assert len(calls) == 2  # the repeated shape (in any order) was priced once
+    assert first[0] == again[0] == real(4.0, {4: 0.75, 6: 0.25}, pred._context())
+    assert other[0] == real(4.0, {4: 1.0}, pred._context()) != first[0]
+    with_prefill = pred._features(iteration({4: 3, 6: 1}, 1))  # 3 decode rows: a new shape
+    assert len(calls) == 3 and with_prefill[1] > 0 == first[1]
