@@ -92,11 +92,29 @@ def mixed_workload(batch: int, vocab: int, seed: int = 2) -> list[tuple[list[int
     return [(torch.randint(1, vocab, (n,), generator=gen).tolist(), m) for n, m in zip(lens, news)]
 
 
+def engine_config(
+    config: ModelConfig, batch: int, row_tokens: int, dtype: torch.dtype = torch.float32
+) -> Any:
+    """Engine settings for `batch` rows of `row_tokens` tokens, the KV pool sized for exactly that.
+
+    Sized for this run (+1 page per row): a 1 GiB pool would spend the benchmark's time zeroing
+    and page-faulting memory it never uses.
+    """
+    from models.kv_cache import PagedKVCache
+    from runtime.engine import EngineConfig
+
+    page = 16
+    per_token = PagedKVCache.bytes_per_token_step(config, dtype) * int(config.max_steps)
+    kv_bytes = per_token * (row_tokens + page) * max(batch, 1)
+    return EngineConfig(
+        kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
+    )
+
+
 def _build_engine(
     args: argparse.Namespace, batch: int, backend: str = "torch", row_tokens: int | None = None
 ) -> Any:
-    from models.kv_cache import PagedKVCache
-    from runtime.engine import Engine, EngineConfig
+    from runtime.engine import Engine
     from runtime.settings import CompileSpec
 
     if args.model_dir:
@@ -109,14 +127,7 @@ def _build_engine(
         config = load_preset(preset_path(args.config))[0]
     else:
         config = ModelConfig(**DEFAULT_CONFIG)
-    # Size the pool for exactly this run (+1 page per row): a 1 GiB pool would
-    # spend the benchmark's time zeroing and page-faulting memory it never uses.
-    page = 16
-    tokens = (row_tokens or args.prompt_tokens + args.new_tokens) + page
-    kv_bytes = PagedKVCache.bytes_per_token_step(config) * int(config.max_steps) * tokens * max(batch, 1)
-    ec = EngineConfig(
-        kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=max(batch, 1), max_waiting=4 * max(batch, 1)
-    )
+    ec = engine_config(config, batch, row_tokens or args.prompt_tokens + args.new_tokens)
     if args.inline_decode_ms is not None:
         ec.inline_decode_ms = args.inline_decode_ms
     compiled = backend == "torch" and args.compile
@@ -190,6 +201,24 @@ async def _engine_run(
     return RunResult(statistics.fmean(itls) if itls else float("nan"), total / wall, wall)
 
 
+def best_run(
+    engine: Any, prompts: list[list[int]], steps: int, new_tokens: int | list[int], concurrent: bool = True
+) -> RunResult:
+    """Start `engine`, warm it up with one short request, time `BEST_OF` runs and stop it: the
+    fastest run."""
+
+    async def go() -> RunResult:
+        await engine.start()
+        try:
+            await _engine_run(engine, prompts[:1], steps, 4, True)  # warm-up
+            runs = [await _engine_run(engine, prompts, steps, new_tokens, concurrent) for _ in range(BEST_OF)]
+            return max(runs, key=lambda r: r.tokens_per_s)
+        finally:
+            await engine.stop()
+
+    return asyncio.run(go())
+
+
 def _measure(
     args: argparse.Namespace, batch: int, steps: int, concurrent: bool = True, backend: str = "torch"
 ) -> RunResult:
@@ -197,37 +226,13 @@ def _measure(
     V = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, V, (batch, args.prompt_tokens), generator=gen).tolist()
-
-    async def go() -> RunResult:
-        await engine.start()
-        try:
-            await _engine_run(engine, prompts[:1], steps, 4, True)  # warm-up
-            runs = [
-                await _engine_run(engine, prompts, steps, args.new_tokens, concurrent) for _ in range(BEST_OF)
-            ]
-            return max(runs, key=lambda r: r.tokens_per_s)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(go())
+    return best_run(engine, prompts, steps, args.new_tokens, concurrent)
 
 
 def _measure_mixed(args: argparse.Namespace, workload: list[tuple[list[int], int]], steps: int) -> RunResult:
     """The mixed workload submitted concurrently to a fresh engine."""
-    row = MIXED_PROMPT[1] + MIXED_NEW[1]
-    engine = _build_engine(args, len(workload), row_tokens=row)
-
-    async def go() -> RunResult:
-        await engine.start()
-        try:
-            await _engine_run(engine, [workload[0][0]], steps, 4, True)  # warm-up
-            prompts, news = [p for p, _ in workload], [m for _, m in workload]
-            runs = [await _engine_run(engine, prompts, steps, news, True) for _ in range(BEST_OF)]
-            return max(runs, key=lambda r: r.tokens_per_s)
-        finally:
-            await engine.stop()
-
-    return asyncio.run(go())
+    engine = _build_engine(args, len(workload), row_tokens=MIXED_PROMPT[1] + MIXED_NEW[1])
+    return best_run(engine, [p for p, _ in workload], steps, [m for _, m in workload])
 
 
 def _hf_model(config: ModelConfig) -> Any:
@@ -249,8 +254,16 @@ def _hf_model(config: ModelConfig) -> Any:
     return GPT2LMHeadModel(hf_cfg).eval()
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timing sees all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _hf_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, new: int) -> float:
-    """Seconds for one greedy `generate()` of exactly `new` tokens per row."""
+    """Seconds for one greedy `generate()` of exactly `new` tokens per row, on the model's device."""
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    sync(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.generate(
@@ -261,6 +274,7 @@ def _hf_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, new: int) ->
             do_sample=False,
             pad_token_id=0,
         )
+    sync(model.device)
     return time.perf_counter() - t0
 
 
@@ -278,10 +292,10 @@ def _hf_mixed(model: Any, workload: list[tuple[list[int], int]]) -> float:
     return useful / min(_hf_generate(model, ids, mask, new) for _ in range(BEST_OF))
 
 
-def _hf_measure(model: Any, config: ModelConfig, args: argparse.Namespace, batch: int) -> tuple[float, float]:
-    """(per-token decode latency at batch 1, tokens/s for `batch` requests) of HF GPT-2."""
+def hf_measure(model: Any, config: ModelConfig, P: int, M: int, batch: int) -> tuple[float, float]:
+    """(per-token decode latency at batch 1, tokens/s for `batch` requests) of HF GPT-2, prompts of
+    `P` tokens and `M` new tokens each."""
     gen = torch.Generator().manual_seed(1)
-    P, M = args.prompt_tokens, args.new_tokens
 
     def generate(b: int, new: int) -> float:
         ids = torch.randint(1, config.vocab_size, (b, P), generator=gen)
@@ -362,7 +376,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.no_hf:
         hf = _hf_model(config)
-        hf_itl, hf_tps = _hf_measure(hf, config, args, B)
+        hf_itl, hf_tps = hf_measure(hf, config, args.prompt_tokens, args.new_tokens, B)
         single = at_max[1]
         lat_ratio = single.itl_s / hf_itl
         tps_ratio = conc.tokens_per_s / hf_tps

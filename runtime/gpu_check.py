@@ -14,10 +14,10 @@ Sections (all on `--device`, one after another in one process):
   batch size (1, 16, 64): mean inter-token latency and generated tokens/s; then the N_max/4 vs
   N_max latency ratio and the bf16 vs float32 ratio per batch size.
 - **peer**: HF transformers GPT-2 of the same shape (n_layer = N_max) driven by `generate()` on
-  the same device and dtype: per-token latency at batch 1 and tokens/s at batch 16.
+  the same device and dtype: per-token latency at batch 1 and tokens/s at the largest batch.
 - **train**: `models.train.train` of the same shape with `dtype=bfloat16` on the device for
   `--train-iterations` iterations on the repository's own docs (no corpus download): tokens/s and
-  MFU (6 x parameters x tokens/s over `--peak-tflops`).
+  MFU (`train_flops_per_token` x tokens/s over `--peak-tflops`).
 - **cuda_graphs**: recorded as not built: decode forwards run eager on CUDA (the compiled decode
   path is AOTInductor for CPU). The report says so rather than leaving the row out.
 
@@ -28,7 +28,7 @@ in CI, so the script a device session runs is the tested one.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import dataclasses
 import json
 import platform
 import time
@@ -63,27 +63,18 @@ SHAPES: dict[str, dict[str, Any]] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _engine(
     config: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int, row_tokens: int
 ) -> Any:
     """An engine over a random-weight LeanLM on `device` in `dtype`, its pool sized for this run."""
-    from models.kv_cache import PagedKVCache
     from models.model import LeanLM
     from runtime.backends.torch_backend import TorchBackend
-    from runtime.bench_engine import _StubTokenizer
-    from runtime.engine import Engine, EngineConfig
+    from runtime.bench_engine import _StubTokenizer, engine_config
+    from runtime.engine import Engine
 
     torch.manual_seed(0)
     model = LeanLM(config).to(device=device, dtype=dtype).eval()
-    page = 16
-    per_token = PagedKVCache.bytes_per_token_step(config, dtype) * int(config.max_steps)
-    kv_bytes = per_token * (row_tokens + page) * batch
-    ec = EngineConfig(kv_cache_bytes=kv_bytes, page_size=page, max_batch_size=batch, max_waiting=4 * batch)
+    ec = engine_config(config, batch, row_tokens, dtype)
     return Engine(TorchBackend(model), _StubTokenizer(), ec)  # type: ignore[arg-type]
 
 
@@ -96,59 +87,27 @@ def measure_decode(
     prompt: int,
     new: int,
 ) -> dict[str, float]:
-    """Mean inter-token latency (ms) and generated tokens/s of `batch` concurrent greedy requests."""
-    from runtime.bench_engine import _engine_run
+    """Mean inter-token latency (ms) and generated tokens/s of `batch` concurrent greedy requests
+    (the engine benchmark's warm-up and best of `BEST_OF` runs)."""
+    from runtime.bench_engine import best_run
 
     engine = _engine(config, device, dtype, batch, prompt + new)
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, config.vocab_size, (batch, prompt), generator=gen).tolist()
-
-    async def go() -> Any:
-        await engine.start()
-        try:
-            await _engine_run(engine, prompts[:1], steps, 4, True)  # warm-up (first kernels, allocator)
-            runs = [await _engine_run(engine, prompts, steps, new, True) for _ in range(2)]
-            return max(runs, key=lambda r: r.tokens_per_s)
-        finally:
-            await engine.stop()
-
-    r = asyncio.run(go())
+    r = best_run(engine, prompts, steps, new)
     return {"itl_ms": round(r.itl_s * 1e3, 3), "tokens_per_s": round(r.tokens_per_s, 1)}
 
 
 def measure_peer(
     config: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int, prompt: int, new: int
 ) -> dict[str, float]:
-    """HF GPT-2 of the same shape: per-token latency at batch 1 (ms) and tokens/s at `batch`."""
-    from runtime.bench_engine import _hf_model
+    """HF GPT-2 of the same shape: per-token latency at batch 1 (ms) and tokens/s at `batch`
+    (measured as `leanserve bench engine` measures it, `runtime.bench_engine.hf_measure`)."""
+    from runtime.bench_engine import _hf_model, hf_measure
 
     model = _hf_model(config).to(device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(1)
-
-    def generate(b: int, n: int) -> float:
-        ids = torch.randint(1, config.vocab_size, (b, prompt), generator=gen).to(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        _sync(device)
-        return time.perf_counter() - t0
-
-    generate(1, 4)  # warm-up
-    full = min(generate(1, new) for _ in range(3))
-    one = min(generate(1, 1) for _ in range(3))
-    return {
-        "itl_ms_batch1": round((full - one) / (new - 1) * 1e3, 3),
-        "tokens_per_s": round(batch * new / min(generate(batch, new) for _ in range(2)), 1),
-        "batch": batch,
-    }
+    per_token, throughput = hf_measure(model, config, prompt, new, batch)
+    return {"itl_ms_batch1": round(per_token * 1e3, 3), "tokens_per_s": round(throughput, 1), "batch": batch}
 
 
 def measure_train(
@@ -170,7 +129,7 @@ def measure_train(
         dtype="bfloat16",
         val_fraction=0.1,
     )
-    cfg = ModelConfig(**{**config.__dict__, "vocab_size": min(config.vocab_size, 2048)})
+    cfg = dataclasses.replace(config, vocab_size=min(config.vocab_size, 2048))
     t0 = time.perf_counter()
     summary = train(cfg, tcfg, out / "train-model", text=repo / "docs", resume=False, progress=False)
     wall = time.perf_counter() - t0
