@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from models.config import ModelConfig
@@ -57,13 +58,21 @@ def tiny_model_config(vocab_size: int, ffn: str = "moe", **overrides: Any) -> Mo
 
 @pytest.fixture
 def make_engine(tokenizer: Tokenizer) -> Callable[..., Engine]:
-    """`make_engine(ffn="moe", profile=None, **engine_config)` -> a not-yet-started Engine."""
+    """`make_engine(ffn="moe", profile=None, device="cpu", dtype=float32, **engine_config)` -> a
+    not-yet-started Engine (the model, and so its KV pool, on `device` in `dtype`)."""
 
-    def make(ffn: str = "moe", profile: ModelProfile | None = None, **kwargs: Any) -> Engine:
+    def make(
+        ffn: str = "moe",
+        profile: ModelProfile | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kwargs: Any,
+    ) -> Engine:
         config = tiny_model_config(tokenizer.get_vocab_size(), ffn)
         settings = dict(kv_cache_bytes=2**20, page_size=8, max_batch_size=16, max_waiting=32)
         settings.update(kwargs)
-        return Engine(TorchBackend(perturbed_model(config)), tokenizer, EngineConfig(**settings), profile)
+        model = perturbed_model(config).to(device=device, dtype=dtype)
+        return Engine(TorchBackend(model), tokenizer, EngineConfig(**settings), profile)
 
     return make
 

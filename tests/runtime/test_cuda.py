@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from runtime.backends.torch_backend import TorchBackend
-from runtime.engine import Engine, EngineConfig
+from runtime.engine import Engine
 from runtime.types import RequestOutput
 from tests.helpers import perturbed_model, req
 from tests.runtime.conftest import tiny_model_config
@@ -23,12 +23,6 @@ from tests.runtime.conftest import tiny_model_config
 DEVICE = torch.device("cuda")
 # The engine tests run on CPU too (in CI), so the bodies a GPU session runs are tested ones.
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-
-
-def _engine(tokenizer, dtype: torch.dtype, device: str, ffn: str = "moe") -> Engine:
-    model = perturbed_model(tiny_model_config(tokenizer.get_vocab_size(), ffn)).to(device=device, dtype=dtype)
-    ec = EngineConfig(kv_cache_bytes=2**20, page_size=8, max_batch_size=16, max_waiting=32)
-    return Engine(TorchBackend(model), tokenizer, ec)
 
 
 def _mixed(tag: str) -> list:
@@ -64,16 +58,16 @@ def test_cuda_logits_match_cpu_in_float32(tokenizer, ffn):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_pool_follows_the_model_onto_its_device(tokenizer, dtype, device):
-    engine = _engine(tokenizer, dtype, device)
+def test_kv_pool_follows_the_model_onto_its_device(make_engine, dtype, device):
+    engine = make_engine(device=device, dtype=dtype)
     assert engine.runner.storage.k.device.type == device and engine.runner.storage.k.dtype == dtype
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_alone_equals_batched_with_mixed_steps(tokenizer, arun, dtype, device):
+def test_greedy_alone_equals_batched_with_mixed_steps(make_engine, arun, dtype, device):
     async def go() -> tuple[list[list[int]], list[list[int]]]:
-        engine = _engine(tokenizer, dtype, device)
+        engine = make_engine(device=device, dtype=dtype)
         await engine.start()
         try:
             alone = [await _collect(engine, r) for r in _mixed("a")]
@@ -89,9 +83,9 @@ def test_greedy_alone_equals_batched_with_mixed_steps(tokenizer, arun, dtype, de
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seeded_sampling_is_reproducible(tokenizer, arun, device):
+def test_seeded_sampling_is_reproducible(make_engine, arun, device):
     async def go() -> list[list[int]]:
-        engine = _engine(tokenizer, torch.float32, device)
+        engine = make_engine(device=device)
         await engine.start()
         try:
             return [
