@@ -147,6 +147,17 @@ def pack_rows(rows: list[Row], max_padding: float = 2.0) -> list[list[Row]]:
     return groups
 
 
+@dataclass
+class _ViewMemo:
+    """The last decode forward's cache view and what it was built from."""
+
+    key: tuple[str, ...]  # the rows' request ids
+    version: int  # the allocator's version then
+    pages: int  # P
+    starts: list[int]  # each row's position then
+    view: CacheView
+
+
 class ModelRunner:
     """Owns the KV pool; turns rows into batch descriptions and runs them (see the module docstring)."""
 
@@ -167,6 +178,8 @@ class ModelRunner:
         self._full_setting = None if config.expert_setting is None else config.expert_setting.default
         # Block tables of the last forward's rows, reused while the rows and the allocator repeat.
         self._tables: tuple[tuple[str, ...], int, torch.Tensor] | None = None
+        # The last decode forward's cache view (`_cache_view`).
+        self._view: _ViewMemo | None = None
 
     def check_fits(self, steps: int, prompt_tokens: int, max_tokens: int, draft_steps: int = 0) -> None:
         """Refuse at submission a request whose reservation could never fit the pool.
@@ -260,7 +273,8 @@ class ModelRunner:
         experts = None
         if any_experts:
             experts = torch.tensor([self._full_setting if r.experts is None else r.experts for r in rows])
-        tables = self._block_tables(tuple(ids))
+        key = tuple(ids)
+        tables = self._block_tables(key)
         P = -(-(last + 1) // a.page_size)  # pages covering the furthest new token
         dev = self.device
         if dev.type != "cpu":
@@ -268,7 +282,7 @@ class ModelRunner:
             experts = None if experts is None else experts.to(dev)
             pad = None if pad is None else pad.to(dev)
             last_index = None if last_index is None else last_index.to(dev)
-        cache = CacheView.from_tables(self.storage, tables[:, :, :P], positions, pad)
+        cache = self._cache_view(key, starts, T, P, tables, positions, pad)
         steps = tuple(steps_list)
         exit_threshold = exit_early = None
         if any_exit:  # above 1: never reached, the row's ordinary output
@@ -287,6 +301,40 @@ class ModelRunner:
             exit_threshold=exit_threshold,
             exit_early=exit_early,
         )
+
+    def _cache_view(
+        self,
+        key: tuple[str, ...],
+        starts: list[int],
+        T: int,
+        P: int,
+        tables: torch.Tensor,
+        positions: torch.Tensor,
+        pad: torch.Tensor | None,
+    ) -> CacheView:
+        """The forward's cache view; a decode that follows a decode of the same rows reuses it.
+
+        When the same rows decode again with the allocator unchanged and no row's new token
+        starts a page, each row writes the slot after its previous one and reads the same
+        pages: `slots + 1` and the same windows, one tensor op instead of the ~7 of
+        `CacheView.from_tables` (~40-120 us per iteration at N = 12 on this CPU).
+        """
+        page = self.allocator.page_size
+        version = self.allocator.version
+        memo = self._view
+        if (
+            T == 1
+            and memo is not None
+            and memo.key == key
+            and memo.version == version
+            and memo.pages == P
+            and all(s == m + 1 and s % page for s, m in zip(starts, memo.starts))
+        ):
+            view = CacheView(self.storage, memo.view.slots + 1, memo.view.windows)
+        else:
+            view = CacheView.from_tables(self.storage, tables[:, :, :P], positions, pad)
+        self._view = _ViewMemo(key, version, P, starts, view) if T == 1 else None
+        return view
 
     def _block_tables(self, ids: tuple[str, ...]) -> torch.Tensor:
         last = self._tables

@@ -37,6 +37,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor
@@ -187,11 +188,12 @@ def sample_rows(
         )
     adjusts = adjusts or [None] * B
     logits = logits.detach().float().cpu()
-    finite = torch.isfinite(logits).all(dim=-1).tolist()  # (B,)
-    # (B,) one batched reduction for all greedy rows: NumPy's argmax (the first
-    # maximal index, as torch's) takes ~5 us for 16 x 4096 on CPU where
-    # torch's max(dim).indices takes ~33 and argmax ~95.
-    greedy = logits.numpy().argmax(-1).tolist()
+    # (B,) batched reductions in NumPy on the tensor's own memory: its argmax (the first
+    # maximal index, as torch's) takes ~5 us for 16 x 4096 on CPU where torch's
+    # max(dim).indices takes ~33 and argmax ~95; its isfinite ~4 us against torch's ~35.
+    array = logits.numpy()
+    finite = np.isfinite(array).all(axis=-1).tolist()  # (B,)
+    greedy = array.argmax(-1).tolist()
     out: list[Draw | NonFiniteLogitsError] = []
     for b, (p, gen, adjust) in enumerate(zip(params, generators, adjusts)):
         if not finite[b]:

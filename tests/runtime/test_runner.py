@@ -177,3 +177,46 @@ def test_rows_are_checked_against_their_reservation(model) -> None:
         runner.describe([Row("a", [1], 0, 4)])
     with pytest.raises(KVCacheError, match="overflow its reservation of 4 tokens"):
         runner.describe([Row("a", [1, 2, 3], 2, 3)])
+
+
+def test_consecutive_decodes_reuse_the_cache_view_exactly(model, monkeypatch) -> None:
+    """The decode view memo (`ModelRunner._cache_view`): each decode's slots and windows equal
+    `CacheView.from_tables` of that decode, token after token, across page boundaries, a
+    change of rows and a reservation change; the memo is only taken inside a page."""
+    from models.kv_cache import block_tables
+    from models.trunk import CacheView
+
+    runner = ModelRunner(TorchBackend(model), kv_cache_bytes=2**16, page_size=PAGE)
+    a = runner.allocator
+    lo, hi = model.config.step_range
+    a.reserve("x", hi, 20)
+    a.reserve("y", lo, 20)
+    built = 0
+    real = CacheView.from_tables
+
+    def counting(*args, **kwargs):
+        nonlocal built
+        built += 1
+        return real(*args, **kwargs)
+
+    def check(rows: list[Row]) -> None:
+        view = runner.describe(rows).cache
+        ids = [r.request_id for r in rows]
+        last = max(r.start for r in rows)
+        P = last // PAGE + 1
+        tables = block_tables(a, ids)[:, :, :P]
+        want = real(runner.storage, tables, torch.tensor([[r.start] for r in rows]))
+        assert torch.equal(view.slots, want.slots) and torch.equal(view.windows, want.windows)
+
+    monkeypatch.setattr(CacheView, "from_tables", classmethod(lambda cls, *args, **kw: counting(*args, **kw)))
+    for pos in range(3, 13):  # pages 0..3 of x; y two tokens behind, crossing pages in between
+        check([Row("x", [1], pos, hi), Row("y", [2], pos - 2, lo)])
+    # one build per page started by either row (x: 4, 8, 12; y: 4, 8 at x's 6, 10) plus the
+    # first: the other four decodes reused it
+    assert built == 6
+    check([Row("x", [1], 13, hi)])  # other rows: rebuilt
+    a.reserve("z", lo, 4)  # the allocator changed (version): rebuilt even for the same rows
+    check([Row("x", [1], 14, hi)])
+    assert built == 8
+    check([Row("x", [1], 15, hi)])
+    assert built == 8
