@@ -22,6 +22,14 @@ preemption by recompute must not change them). The policies run interleaved,
 machine drifts between runs). Targets: on demand >= 3x the
 concurrency and >= 2x the tokens/s of reservation.
 
+With `--dial-min-steps K` it also runs both policies with the memory dial
+(`EngineConfig.kv_min_steps = K`; the requests then leave their step count to
+the server, whose default is `--steps`, so admission may lower it to K when
+the pool cannot hold a request): "reserve+dial" and "on_demand+dial", with
+the mean step count the requests ran. Their tokens differ from the others'
+(fewer steps are another computation), so the identity check covers the two
+plain policies only.
+
 Run it pinned for stable numbers: `taskset -c 1 python -m runtime.bench_kv`
 (it sets torch to one thread).
 """
@@ -59,6 +67,8 @@ class PolicyResult:
     preemptions: int
     recomputed_tokens: int
     iterations: int
+    mean_steps: float  # over requests, the steps each ran
+    lowered: int  # requests admitted at fewer steps (the memory dial)
 
 
 def workload(n: int, prompt_tokens: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
@@ -68,8 +78,11 @@ def workload(n: int, prompt_tokens: int, vocab: int, seed: int) -> list[tuple[li
     return [(torch.randint(1, vocab, (prompt_tokens,), generator=gen).tolist(), m) for m in lengths]
 
 
-async def _client(engine: Engine, rid: str, prompt: list[int], take: int, steps: int) -> list[int]:
-    """Stream one request and stop after `take` tokens (closing the stream cancels it)."""
+async def _client(
+    engine: Engine, rid: str, prompt: list[int], take: int, steps: int | None
+) -> tuple[list[int], int]:
+    """Stream one request and stop after `take` tokens (closing the stream cancels it):
+    its tokens and the steps it ran. `steps=None` leaves the step count to the server."""
     request = GenerationRequest(
         rid,
         prompt_token_ids=prompt,
@@ -77,20 +90,22 @@ async def _client(engine: Engine, rid: str, prompt: list[int], take: int, steps:
         compute=ComputeParams(steps=steps),
     )
     ids: list[int] = []
+    ran = 0
     stream = engine.submit(request)
     try:
         async for out in stream:
             ids.extend(out.token_ids)
+            ran = out.steps
             if len(ids) >= take:
                 break
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
-    return ids[:take]
+    return ids[:take], ran
 
 
 async def _run(
-    engine: Engine, jobs: list[tuple[list[int], int]], steps: int
-) -> tuple[list[list[int]], float]:
+    engine: Engine, jobs: list[tuple[list[int], int]], steps: int | None
+) -> tuple[list[tuple[list[int], int]], float]:
     await engine.start()
     try:
         await _client(engine, "warmup", jobs[0][0], 4, steps)
@@ -102,12 +117,19 @@ async def _run(
 
 
 def run_policy(
-    model: torch.nn.Module, allocation: str, args: argparse.Namespace, jobs: list[tuple[list[int], int]]
+    model: torch.nn.Module,
+    allocation: str,
+    args: argparse.Namespace,
+    jobs: list[tuple[list[int], int]],
+    dial: int | None = None,
 ) -> tuple[PolicyResult, list[list[int]]]:
-    """The workload on a fresh engine with `allocation`."""
+    """The workload on a fresh engine with `allocation` (and the memory dial down to
+    `dial` steps, the requests then leaving their steps to the server; None = off)."""
     from runtime.backends.torch_backend import TorchBackend
 
     ec = EngineConfig(
+        default_steps=args.steps,
+        kv_min_steps=dial,
         kv_cache_bytes=args.kv_mib * 2**20,
         page_size=16,
         max_batch_size=args.max_batch_size,
@@ -121,11 +143,12 @@ def run_policy(
     engine.stats_callbacks.append(
         lambda s: running.append(s.num_running) if isinstance(s, IterationStats) else None
     )
-    outs, wall = asyncio.run(_run(engine, jobs, args.steps))
+    runs, wall = asyncio.run(_run(engine, jobs, None if dial is not None else args.steps))
+    outs = [ids for ids, _ in runs]
     tokens = sum(len(o) for o in outs)
     assert engine.kv.used_bytes == 0, "KV left allocated after the run"
     result = PolicyResult(
-        allocation,
+        allocation if dial is None else allocation + "+dial",
         max(running),
         round(sum(running) / len(running), 1),
         tokens,
@@ -134,6 +157,8 @@ def run_policy(
         engine.scheduler.num_preemptions,
         engine.scheduler.recomputed_tokens,
         engine.stats().iterations,
+        round(sum(ran for _, ran in runs) / len(runs), 2),
+        engine.scheduler.num_steps_lowered,
     )
     return result, outs
 
@@ -151,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=2, help="runs per policy, interleaved; the fastest counts")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--dial-min-steps", type=int, default=None,
+        help="also run both policies with the memory dial down to this many steps (kv_min_steps)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = ModelConfig(**{**DEFAULT_CONFIG, "context_length": 512})
@@ -162,12 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     # Interleaved, best of --repeat per policy: the machine's load drifts between runs.
     best: dict[str, PolicyResult] = {}
     tokens: list[list[list[int]]] = []
+    dials = [None] if args.dial_min_steps is None else [None, args.dial_min_steps]
     for _ in range(args.repeat):
-        for allocation in ("reserve", "on_demand"):
-            result, outs = run_policy(model, allocation, args, jobs)
-            tokens.append(outs)
-            if allocation not in best or result.tokens_per_s > best[allocation].tokens_per_s:
-                best[allocation] = result
+        for dial in dials:
+            for allocation in ("reserve", "on_demand"):
+                result, outs = run_policy(model, allocation, args, jobs, dial)
+                if dial is None:
+                    tokens.append(outs)
+                name = result.allocation
+                if name not in best or result.tokens_per_s > best[name].tokens_per_s:
+                    best[name] = result
     reserve, demand = best["reserve"], best["on_demand"]
     report = {
         "workload": {
@@ -180,14 +213,23 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "watermark": args.watermark,
             "repeat": args.repeat,
+            "dial_min_steps": args.dial_min_steps,
         },
-        "reserve": asdict(reserve),
-        "on_demand": asdict(demand),
+        **{name: asdict(result) for name, result in best.items()},
         "concurrency_ratio": round(demand.peak_running / reserve.peak_running, 2),
         "mean_concurrency_ratio": round(demand.mean_running / reserve.mean_running, 2),
         "tokens_per_s_ratio": round(demand.tokens_per_s / reserve.tokens_per_s, 2),
         "identical_tokens": all(t == tokens[0] for t in tokens),
     }
+    for name in ("reserve", "on_demand"):
+        dialed = best.get(name + "+dial")
+        if dialed is not None:
+            plain = best[name]
+            report[name + "+dial_vs_" + name] = {
+                "tokens_per_s_ratio": round(dialed.tokens_per_s / plain.tokens_per_s, 2),
+                "mean_running_ratio": round(dialed.mean_running / plain.mean_running, 2),
+                "mean_steps": (dialed.mean_steps, plain.mean_steps),
+            }
     print(json.dumps(report, indent=2))
     ok = report["identical_tokens"] and report["concurrency_ratio"] >= 3 and report["tokens_per_s_ratio"] >= 2
     return 0 if ok else 1

@@ -296,8 +296,8 @@ class Engine:
             compute, len(prompt_ids), s.max_tokens, batch=self.scheduler.num_running + 1
         )
         spec = self.speculation.admit(
-            compute, decision.steps, len(prompt_ids), s.max_tokens, request.request_id
-        )  # checks the KV fits (with the draft's entries)
+            compute, decision.steps, len(prompt_ids), s.max_tokens, request.request_id, decision.min_steps
+        )  # checks the KV fits (with the draft's entries; at the memory dial's floor)
         state = RequestState.create(request, prompt_ids, decision, self.tokenizer, self._eot, spec)
         seq = state.seq
         self.scheduler.add(seq)  # raises OverloadedError when the queue is full
@@ -375,6 +375,7 @@ class Engine:
             kv_pages_capacity=self.kv.num_pages,
             preemptions_total=self.scheduler.num_preemptions,
             recomputed_tokens_total=self.scheduler.recomputed_tokens,
+            kv_lowered_total=self.scheduler.num_steps_lowered,
         )
 
     # --- the loop --------------------------------------------------------------

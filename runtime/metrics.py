@@ -34,6 +34,8 @@ Series (names below without the `ray_` prefix; counters end in `_total`):
   leanserve_preemptions_total{model}                       counter: requests preempted (KV on demand;
                                                            runtime/scheduler.py), exported from 0
   leanserve_recomputed_tokens_total{model}                 counter: tokens recompute prefills fed again
+  leanserve_kv_lowered_admissions_total{model}             counter: requests admitted at fewer steps for
+                                                           lack of KV (kv_min_steps), exported from 0
   leanserve_process_resident_memory_bytes{model}           gauge
   leanserve_slo_operating_steps{model}                     gauge: the SLO controller's mean step count
   leanserve_slo_arrival_rate{model}                        gauge: its committed arrival rate, requests/s
@@ -274,9 +276,15 @@ class EngineMetrics:
         self.recomputed_tokens = f.counter(
             "leanserve_recomputed_tokens", "Tokens recompute prefills fed again after a preemption.", m
         )
+        self.kv_lowered = f.counter(
+            "leanserve_kv_lowered_admissions",
+            "Requests admitted at fewer steps because the KV pool could not hold them (kv_min_steps).",
+            m,
+        )
         self.preemptions.inc(0, self._base)
         self.recomputed_tokens.inc(0, self._base)
-        self._totals = [0, 0]  # the engine's preemptions_total, recomputed_tokens_total last seen
+        self.kv_lowered.inc(0, self._base)
+        self._totals = [0, 0, 0]  # the engine's running totals of these three, last seen
         self.rss = f.gauge("leanserve_process_resident_memory_bytes", "Resident memory of the replica.", m)
         # SLO controller (set from `EngineStats.slo` by `refresh`; absent without a controller).
         self.slo_gauges = {
@@ -360,7 +368,11 @@ class EngineMetrics:
         ):
             self.kv_pages.set(pages, {"model": self.model, "state": state})
         for i, (counter, total) in enumerate(
-            ((self.preemptions, s.preemptions_total), (self.recomputed_tokens, s.recomputed_tokens_total))
+            (
+                (self.preemptions, s.preemptions_total),
+                (self.recomputed_tokens, s.recomputed_tokens_total),
+                (self.kv_lowered, s.kv_lowered_total),
+            )
         ):
             if total > self._totals[i]:
                 counter.inc(total - self._totals[i], b)

@@ -116,6 +116,7 @@ class OutputProcessor:
                 kv_pages_capacity=self.kv.num_pages,
                 preemptions_total=self.scheduler.num_preemptions,
                 recomputed_tokens_total=self.scheduler.recomputed_tokens,
+                kv_lowered_total=self.scheduler.num_steps_lowered,
                 speculation=spec_counts,
                 num_speculating=len(result.spec),
             )

@@ -27,6 +27,14 @@ the response says which):
 4. Otherwise the server default: a fixed count ("default:fixed") or the
    current value of an `SLOController` ("default:slo", runtime/slo.py).
 
+Steps as a memory dial (`EngineConfig.kv_min_steps`, off by default): a
+request whose step count the server chose (rules 3 and 4; not an explicit
+count or a quality tier, which the client asked for) carries
+`PolicyDecision.min_steps`, the fewest steps the scheduler may admit it at
+when the KV pool cannot hold it at its steps (runtime/scheduler.py): a
+request's KV is proportional to its step count. Its response then reports
+the steps it ran and a reason ending in "+kv".
+
 Every decision with a cost model carries the predictor's end-to-end
 prediction at the chosen steps (`PolicyDecision.predicted_s`, engine-side,
 without the client hop), whatever rule chose the steps: the engine copies it
@@ -172,6 +180,8 @@ class PolicyDecision:
         reason: why the steps were chosen.
         predicted_s: predicted end-to-end seconds of the request at the
             chosen steps (None when the policy made no prediction).
+        min_steps: the fewest steps admission may lower `steps` to when the
+            KV pool is short (the memory dial, module docstring); 0 = fixed.
     """
 
     steps: int
@@ -179,6 +189,7 @@ class PolicyDecision:
     model_experts: int | None
     reason: str
     predicted_s: float | None = None
+    min_steps: int = 0
 
 
 def automatic_steps(
@@ -214,6 +225,7 @@ class StepPolicy:
         max_batch_size: int = 32,
         max_prefills: int = 8,
         predictor: LatencyPredictor | None = None,
+        kv_min_steps: int | None = None,
     ) -> None:
         """Create a policy.
 
@@ -229,6 +241,8 @@ class StepPolicy:
             max_prefills: the engine's admissions per iteration (likewise).
             predictor: the end-to-end predictor (default: one over the profile's
                 cost model; None when the profile has no cost model).
+            kv_min_steps: the memory dial's floor (`EngineConfig.kv_min_steps`;
+                None = off).
         """
         self.config = config
         self.profile = profile or ModelProfile.from_dict(config, None)
@@ -241,6 +255,10 @@ class StepPolicy:
                 f"latency_budget_unmet={budget_unmet!r}: must be one of {', '.join(BUDGET_UNMET_MODES)}"
             )
         self.budget_unmet = budget_unmet
+        k = kv_min_steps
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not lo <= k <= hi):
+            raise ValueError(f"kv_min_steps={kv_min_steps!r}: must be unset or a step count in [{lo}, {hi}]")
+        self.kv_min_steps = kv_min_steps
         self.slo = slo
         cost = self.profile.cost_model
         if predictor is None and cost is not None:
@@ -282,6 +300,7 @@ class StepPolicy:
             budget_unmet=settings.latency_budget_unmet,
             max_batch_size=settings.max_batch_size,
             max_prefills=settings.max_prefills,
+            kv_min_steps=settings.kv_min_steps,
         )
 
     @property
@@ -354,13 +373,16 @@ class StepPolicy:
             self.predictor.commit(prediction, prompt_tokens)
             predicted_s = prediction.predicted_s
 
+        floor = self.kv_min_steps
+        server_chosen = reason.startswith(("default:", "latency_budget"))
+        min_steps = floor if floor is not None and server_chosen and floor < steps else 0
         explicit = compute.experts_top_k if self.config.ffn == "moe" else compute.expert_depth
         chosen = explicit if explicit is not None else tier_experts
         top = self.config.max_expert_setting
         if top is None:
-            return PolicyDecision(steps, None, None, reason, predicted_s)
+            return PolicyDecision(steps, None, None, reason, predicted_s, min_steps)
         used = top if chosen is None else int(chosen)
-        return PolicyDecision(steps, used, None if used == top else used, reason, predicted_s)
+        return PolicyDecision(steps, used, None if used == top else used, reason, predicted_s, min_steps)
 
     def _from_budget(
         self, budget_ms: float, prompt_tokens: int, max_tokens: int, batch: int

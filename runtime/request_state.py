@@ -106,6 +106,7 @@ class RequestState:
             client_id=request.client_id,
             priority=request.priority,
             draft_steps=0 if spec is None else spec.draft_steps,
+            min_steps=decision.min_steps if spec is None else 0,  # a draft needs its steps
         )
         return cls(
             request=request,
@@ -144,6 +145,13 @@ class RequestState:
             self.request.compute.exit_threshold,
             self.request.compute.exit_mode == "stop_early",
         )
+
+    @property
+    def policy_reason(self) -> str:
+        """Why it runs its steps: the policy's reason, with "+kv" when admission lowered
+        them for lack of KV (the memory dial, runtime/scheduler.py)."""
+        reason = self.decision.reason
+        return reason if self.seq.steps == self.decision.steps else reason + "+kv"
 
     def _span(self, lo: int, hi: int) -> list[int]:
         """The ids at positions lo..hi-1 of prompt + generated (copies only those)."""
@@ -221,7 +229,7 @@ class RequestState:
             completion_tokens=len(seq.output_ids),
             steps=seq.steps,
             experts=self.decision.experts,
-            policy_reason=self.decision.reason,
+            policy_reason=self.policy_reason,
             queue_s=queue,
             first_token_s=first,
             total_s=total,
@@ -249,7 +257,7 @@ class RequestState:
             total_s=total,
             steps=seq.steps,
             experts=self.decision.experts,
-            policy_reason=self.decision.reason,
+            policy_reason=self.policy_reason,
             prompt_tokens=len(seq.prompt_ids),
             generated_tokens=len(seq.output_ids),
             finish_reason=reason,

@@ -68,7 +68,7 @@ clients send large `max_tokens` and stop early, so, as vLLM does, a request
 can instead hold only what it has cached:
 
 - Admission takes the pages of its prefill: `steps x (prompt + produced)`
-  tokens (`Sequence.prefill_pages`; plus the same at `draft_steps` for a
+  tokens (`Sequence.cached_after_prefill`; plus the same at `draft_steps` for a
   sequence that may speculate), and only while `watermark x num_pages` pages
   stay free afterwards (unless nothing runs), so running requests have room
   to grow. DRR still charges `reserved_tokens`, and nobody overtakes.
@@ -98,6 +98,21 @@ can instead hold only what it has cached:
   the pool alone (the engine's check) always finishes while it runs alone.
 - `num_preemptions` and `recomputed_tokens` (tokens fed by recompute
   prefills) count the cost; `kv_pages_used` is the pages holding tokens.
+
+Steps as a memory dial (either policy). A sequence's KV is proportional to
+its step count, so a sequence with `min_steps` (the engine sets it for
+requests whose step count the server chose, when `EngineConfig.kv_min_steps`
+is set; 0 = its steps are fixed) that does not fit at its `steps` when its
+turn comes is admitted at the most steps in [`min_steps`, `steps`) that do
+fit, instead of waiting. That includes a preempted sequence's readmission:
+its recompute prefill runs at the lowered count too (its tokens so far stay;
+the rest of its stream comes from fewer steps, which its response reports),
+so under memory pressure the victims of preemption come back smaller and
+sooner. Never more steps than its whole reservation can hold in the pool
+(the engine checks a dial request's fit at `min_steps`), so a request alone
+always finishes. `num_steps_lowered` counts these admissions and
+`steps_lowered` the steps they took off. The rule is the same no-overtaking
+one: if even `min_steps` does not fit, admission stops.
 """
 
 from __future__ import annotations
@@ -147,6 +162,8 @@ class Sequence:
         draft_steps: steps of its speculative draft's own KV entries, reserved
             next to its own (`draft_key`); 0 = it never speculates.
         preemptions: times it was preempted (its KV freed, to be recomputed).
+        min_steps: the fewest steps an admission may lower `steps` to when
+            the KV pool is short (module docstring); 0 = `steps` is fixed.
     """
 
     request_id: str
@@ -165,6 +182,7 @@ class Sequence:
     priority: int = 0
     draft_steps: int = 0
     preemptions: int = 0
+    min_steps: int = 0
     _order: tuple[int, int] = (0, 0)  # (priority, arrival number): the client-queue key
 
     @property
@@ -177,25 +195,10 @@ class Sequence:
         """The allocator id of the draft's KV reservation (a tuple: no request id can equal it)."""
         return (self.request_id, "draft")
 
-    def pages_needed(self, kv: KVAllocator) -> int:
-        """Pages of the whole reservation: the request's steps plus its draft's."""
-        need = kv.pages_needed(self.steps, self.reserved_tokens)
-        if self.draft_steps:
-            need += kv.pages_needed(self.draft_steps, self.reserved_tokens)
-        return need
-
     @property
     def cached_after_prefill(self) -> int:
         """Tokens its (re)prefill caches: the prompt plus every token already produced."""
         return len(self.prompt_ids) + len(self.output_ids)
-
-    def prefill_pages(self, kv: KVAllocator) -> int:
-        """Pages on-demand admission takes: its (re)prefill's tokens at its steps and its draft's."""
-        tokens = self.cached_after_prefill
-        need = kv.pages_needed(self.steps, tokens)
-        if self.draft_steps:
-            need += kv.pages_needed(self.draft_steps, tokens)
-        return need
 
     def decode_capacity(self) -> int:
         """Tokens its KV must hold before its next decode: the fed token, plus the
@@ -323,6 +326,8 @@ class Scheduler:
         self.max_preemptions = max_preemptions
         self.num_preemptions = 0  # preemptions so far (metrics)
         self.recomputed_tokens = 0  # tokens fed again by recompute prefills so far (metrics)
+        self.num_steps_lowered = 0  # admissions at fewer steps for lack of KV (metrics)
+        self.steps_lowered = 0  # the steps those admissions took off, summed (metrics)
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.max_prefills = max_prefills
@@ -439,13 +444,12 @@ class Scheduler:
             head = self._next_candidate()
             if on_demand:
                 tokens = head.cached_after_prefill
-                floor = self.watermark_pages if self.running else 0
-                if head.prefill_pages(self.kv) + floor > self.kv.free_pages:
-                    break  # nobody overtakes the chosen sequence
+                room = self.kv.free_pages - (self.watermark_pages if self.running else 0)
             else:
                 tokens = head.reserved_tokens
-                if head.pages_needed(self.kv) > self.kv.free_pages:
-                    break  # nobody overtakes the chosen sequence
+                room = self.kv.free_pages
+            if not self._fits(head, tokens, room):
+                break  # nobody overtakes the chosen sequence
             self.kv.reserve(head.request_id, head.steps, tokens)
             if head.draft_steps:
                 self.kv.reserve(head.draft_key, head.draft_steps, tokens)
@@ -459,6 +463,34 @@ class Scheduler:
             self.running.append(head)
             out.prefill.append(head)
         return out
+
+    def _fits(self, seq: Sequence, tokens: int, room: int) -> bool:
+        """Whether `seq`'s admission (its KV for `tokens` tokens, and its draft's) fits in
+        `room` pages; with `min_steps` it may take fewer steps to fit (the memory dial).
+
+        A lowered sequence also gets no more steps than its whole reservation can hold in the
+        pool (the engine checked it at `min_steps` only), so that, on demand, it still
+        finishes whenever it runs alone.
+        """
+        kv = self.kv
+        need = kv.pages_needed(seq.steps, tokens)
+        if seq.draft_steps:
+            need += kv.pages_needed(seq.draft_steps, tokens)
+        dial = seq.min_steps and not seq.draft_steps
+        if need <= room and (not dial or kv.pages_needed(seq.steps, seq.reserved_tokens) <= kv.num_pages):
+            return True
+        if not dial:
+            return False
+        for steps in range(seq.steps - 1, seq.min_steps - 1, -1):
+            if (
+                kv.pages_needed(steps, tokens) <= room
+                and kv.pages_needed(steps, seq.reserved_tokens) <= kv.num_pages
+            ):
+                self.num_steps_lowered += 1
+                self.steps_lowered += seq.steps - steps
+                seq.steps = steps
+                return True
+        return False
 
     def _grow(self, out: SchedulerOutput) -> None:
         """On demand: give each decoding sequence the pages its next decode writes,

@@ -72,6 +72,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "fair_quantum": "tokens a client earns per turn of the fair scheduler",
     "max_consecutive_failures": "failing iterations in a row that mark the engine dead",
     "tokenize_inline_chars": "text prompts longer than this are tokenised in a worker thread",
+    "kv_min_steps": "memory dial: admit a request the server picks the steps for at fewer steps, "
+    "down to this, when the KV pool cannot hold it (default: off, it waits)",
     "latency_budget_unmet": "a latency_budget_ms no step count can meet: 'min' runs the minimum, "
     "'reject' refuses the request",
 }

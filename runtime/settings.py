@@ -93,6 +93,12 @@ class EngineConfig:
             for running requests to grow into.
         max_preemptions: times one request may be preempted (on demand);
             chosen once more, it fails with an error naming the cause.
+        kv_min_steps: steps as a memory dial: a request whose step count the
+            server chose (no explicit `steps` or `quality`, not speculating)
+            that does not fit the KV pool at its steps when its turn comes is
+            admitted at the most steps >= this that fit, instead of waiting
+            (its reason then ends in "+kv"); None = off (it waits).
+            runtime/scheduler.py.
     """
 
     kv_cache_bytes: int = 64 * 2**20
@@ -119,6 +125,7 @@ class EngineConfig:
     kv_allocation: str = "on_demand"
     kv_watermark: float = 0.05
     max_preemptions: int = 8
+    kv_min_steps: int | None = None
 
     def __post_init__(self) -> None:
         """Checks of the settings no other component owns (the scheduler, pool

@@ -530,9 +530,20 @@ class EngineSpeculation:
         self.auto = AutoSpeculation()
 
     def admit(
-        self, c: ComputeParams, steps: int, prompt_tokens: int, max_tokens: int, request_id: str
+        self,
+        c: ComputeParams,
+        steps: int,
+        prompt_tokens: int,
+        max_tokens: int,
+        request_id: str,
+        min_steps: int = 0,
     ) -> SpecState | None:
         """The request's `SpecState` (None: no speculation), after checking its KV fits.
+
+        Args:
+            min_steps: the memory dial's floor for this request (0 = none): without
+                speculation it only has to fit the pool at that many steps (admission
+                lowers its steps to what fits, runtime/scheduler.py).
 
         Raises:
             InvalidRequestError: the request (with its explicit draft) can never fit the pool.
@@ -544,7 +555,10 @@ class EngineSpeculation:
                 self.runner.check_fits(steps, prompt_tokens, max_tokens, spec.draft_steps)
             except InvalidRequestError:
                 spec = None
-        self.runner.check_fits(steps, prompt_tokens, max_tokens, 0 if spec is None else spec.draft_steps)
+        if spec is None:
+            self.runner.check_fits(min_steps or steps, prompt_tokens, max_tokens)
+        else:
+            self.runner.check_fits(steps, prompt_tokens, max_tokens, spec.draft_steps)
         return spec
 
     def draft_tokens(self, spec: SpecState | None, steps: int, remaining: int, batch: int) -> int:

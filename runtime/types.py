@@ -373,6 +373,8 @@ class IterationStats:
         kv_pages_capacity: allocatable KV pages in the pool.
         preemptions_total: requests preempted since start (KV on demand).
         recomputed_tokens_total: tokens fed again by recompute prefills since start.
+        kv_lowered_total: requests admitted at fewer steps for lack of KV since
+            start (the memory dial, `EngineConfig.kv_min_steps`).
     """
 
     batch_size: int
@@ -392,6 +394,7 @@ class IterationStats:
     kv_pages_capacity: int = 0
     preemptions_total: int = 0
     recomputed_tokens_total: int = 0
+    kv_lowered_total: int = 0
 
 
 @dataclass
@@ -420,6 +423,8 @@ class EngineStats:
         kv_pages_capacity: allocatable KV pages in the pool.
         preemptions_total: requests preempted since start (KV on demand).
         recomputed_tokens_total: tokens fed again by recompute prefills since start.
+        kv_lowered_total: requests admitted at fewer steps for lack of KV since
+            start (the memory dial, `EngineConfig.kv_min_steps`).
     """
 
     state: str
@@ -441,3 +446,4 @@ class EngineStats:
     kv_pages_capacity: int = 0
     preemptions_total: int = 0
     recomputed_tokens_total: int = 0
+    kv_lowered_total: int = 0
