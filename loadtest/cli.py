@@ -66,6 +66,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="expert settings at max steps: '1,2', 'all' or 'none' (default)",
     )
     p.add_argument(
+        "--draft-steps",
+        type=_ints_or_keyword,
+        default=[],
+        help="self-speculative draft step counts at max steps, after a draft_steps=0 point: '2,3,4', "
+        "'all' (every count below max) or 'none' (default)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        help="tokens drafted per round at those points (default: server's)",
+    )
+    p.add_argument(
         "--tiers",
         type=_names_or_keyword,
         default=[],
@@ -150,6 +163,8 @@ def config_from_args(args: Any) -> Any:
         concurrency=args.concurrency,
         steps=args.steps,
         experts=args.experts,
+        draft_steps=args.draft_steps,
+        draft_tokens=args.draft_tokens,
         tiers=args.tiers,
         rates=args.rates,
         overload=args.overload,

@@ -82,6 +82,9 @@ class RequestResult:
         experts: expert setting the server used.
         policy_reason: why the server chose those steps.
         detail: the error message when `code` is not "OK" (e.g. which field was invalid).
+        drafted_tokens: tokens its self-speculative draft proposed (the server's
+            speculation report; 0 when it did not speculate).
+        accepted_tokens: drafted tokens the verification accepted.
     """
 
     index: int
@@ -97,6 +100,8 @@ class RequestResult:
     experts: int | None = None
     policy_reason: str = ""
     detail: str = ""
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -202,6 +207,9 @@ class GrpcTransport:
                     result.steps = last.compute.steps
                     result.experts = last.compute.experts if last.compute.HasField("experts") else None
                     result.policy_reason = last.compute.policy_reason
+                    if last.compute.HasField("speculation"):
+                        result.drafted_tokens = last.compute.speculation.drafted_tokens
+                        result.accepted_tokens = last.compute.speculation.accepted_tokens
         except grpc.aio.AioRpcError as e:
             result.end_s = now()
             result.code = e.code().name
@@ -322,6 +330,10 @@ def _record_chunk(result: RequestResult, chunk: dict[str, Any], t: float) -> Non
     result.steps = info.get("steps", result.steps)
     result.experts = info.get("experts", result.experts)
     result.policy_reason = info.get("policy_reason", result.policy_reason)
+    spec = info.get("speculation")
+    if spec:
+        result.drafted_tokens = spec.get("drafted_tokens", result.drafted_tokens)
+        result.accepted_tokens = spec.get("accepted_tokens", result.accepted_tokens)
 
 
 def _http_error_code(text: str, status: int) -> str:

@@ -36,7 +36,8 @@ BASE_FILES = (
 )
 OVERLOAD_FILES = ("overload_timeseries.csv", "overload_timeseries.png")
 STEP_LOAD_FILES = ("step_load.csv", "step_load.png")
-FILES = BASE_FILES + OVERLOAD_FILES + STEP_LOAD_FILES  # every file a report may write
+DRAFT_FILES = ("speculation.png",)
+FILES = BASE_FILES + OVERLOAD_FILES + STEP_LOAD_FILES + DRAFT_FILES  # every file a report may write
 
 
 def files_for(report: SweepReport) -> tuple[str, ...]:
@@ -46,7 +47,18 @@ def files_for(report: SweepReport) -> tuple[str, ...]:
         files += OVERLOAD_FILES
     if report.step_load is not None:
         files += STEP_LOAD_FILES
+    if _draft_points(report):
+        files += DRAFT_FILES
     return files
+
+
+def _draft_points(report: SweepReport) -> list[PointResult]:
+    """The `--draft-steps` points, the `draft_steps=0` baseline first (sweep order)."""
+    return [p for p in report.points if p.group == "draft"]
+
+
+def _draft_steps(p: PointResult) -> int:
+    return int(json.loads(p.compute).get("draft_steps", 0))
 
 
 _CSV_FIELDS = [f.name for f in fields(PointResult) if f.name != "series"]
@@ -172,6 +184,42 @@ def plot_all(report: SweepReport, out: Path) -> None:
     over = [p for p in report.points if p.group == "overload"]
     if over:
         plot_overload(report, over, out / "overload_timeseries.png")
+    drafts = _draft_points(report)
+    if drafts:
+        plot_speculation(report, drafts, out / "speculation.png")
+
+
+def plot_speculation(report: SweepReport, drafts: list[PointResult], path: Path) -> None:
+    """Tokens/s and ITL p50 / p99 per `draft_steps` (0 = no speculation, the baseline), and
+    the acceptance rate of the drafted tokens."""
+    import matplotlib.pyplot as plt
+
+    xs = [str(_draft_steps(p)) for p in drafts]
+    fig, (ax_tok, ax_itl, ax_acc) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_tok.bar(xs, [p.tokens_per_s for p in drafts], color="tab:green")
+    ax_tok.set_ylabel("output tokens/s")
+    for pct, style in (("p50", "o-"), ("p99", "^:")):
+        ys = [getattr(p, f"itl_{pct}_ms") for p in drafts]
+        if any(y is not None for y in ys):
+            ax_itl.plot(xs, ys, style, label=f"ITL {pct}")
+            ax_itl.legend(fontsize=8)
+    ax_itl.set_ylabel("ITL (ms)")
+    spec = [(x, p.acceptance) for x, p in zip(xs, drafts, strict=True) if p.acceptance is not None]
+    if spec:
+        ax_acc.bar([x for x, _ in spec], [a for _, a in spec], color="tab:orange")
+        ax_acc.set_ylim(0, 1)
+    else:
+        _no_data(ax_acc, "nothing drafted")
+    ax_acc.set_ylabel("accepted / drafted tokens")
+    for ax in (ax_tok, ax_itl, ax_acc):
+        ax.set_xlabel("draft_steps (0 = no speculation)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"{report.model.get('name', '?')}: self-speculative decoding at N={report.model.get('max_steps')}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _x_axis(report: SweepReport) -> tuple[list[PointResult], list[float], str, str]:
@@ -278,6 +326,25 @@ def markdown(report: SweepReport) -> str:
             f"| {_fmt(p.mean_steps, 2)} | {_fmt(p.perplexity, 2)} | {_fmt(p.predicted_e2e_ms)} "
             f"| {json.dumps(p.errors) if p.errors else '-'} |"
         )
+    drafts = _draft_points(report)
+    if drafts:
+        base = drafts[0] if _draft_steps(drafts[0]) == 0 else None
+        lines += [
+            "",
+            f"## Self-speculative decoding at N={m.get('max_steps')}",
+            "",
+            "| draft_steps | acceptance | tok/s | vs draft_steps=0 | ITL p50 / p99 | E2E p99 | drafted |",
+            "|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        for p in drafts:
+            ratio = (
+                "-" if base is None or not base.tokens_per_s else f"{p.tokens_per_s / base.tokens_per_s:.2f}x"
+            )
+            lines.append(
+                f"| {_draft_steps(p)} | {_fmt(p.acceptance, 3)} | {_fmt(p.tokens_per_s)} | {ratio} "
+                f"| {_fmt(p.itl_p50_ms)} / {_fmt(p.itl_p99_ms)} | {_fmt(p.e2e_p99_ms)} | {p.drafted_tokens} |"
+            )
+        lines += ["", "![speculation](speculation.png)"]
     over = [p for p in report.points if p.group == "overload"]
     if over:
         lines += [

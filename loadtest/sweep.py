@@ -2,8 +2,10 @@
 
 A point is one run (open- or closed-loop) with one compute setting. A sweep
 runs, in order: steps (explicit step counts), experts (at the maximum step
-count), quality tiers, request rates (at the maximum step count) and the
-overload scenario. Every point reuses the same seed, so all points see the
+count), self-speculative draft settings (`draft_steps` at the maximum step
+count, after a `draft_steps=0` point: the same requests without speculation),
+quality tiers, request rates (at the maximum step count) and the overload
+scenario. Every point reuses the same seed, so all points see the
 same prompts and the same arrival pattern (common random numbers make the
 differences between points the settings', not the dice's).
 
@@ -189,6 +191,8 @@ class PointResult:
     predicted_e2e_ms: float | None
     wall_s: float
     series: list[dict[str, Any]] = field(default_factory=list)
+    drafted_tokens: int = 0
+    acceptance: float | None = None  # accepted / drafted tokens (None: nothing drafted)
 
 
 def summarize(
@@ -226,6 +230,8 @@ def summarize(
         )
         predicted = None if p is None else p * 1e3
     good = sum(1 for r in rs if slo.met(r))
+    drafted = sum(r.drafted_tokens for r in ok)
+    accepted = sum(r.accepted_tokens for r in ok)
     series = []
     if keep_series:
         series = [
@@ -271,6 +277,8 @@ def summarize(
         predicted_e2e_ms=predicted,
         wall_s=run.wall_s,
         series=series,
+        drafted_tokens=drafted,
+        acceptance=accepted / drafted if drafted else None,
     )
 
 
@@ -296,6 +304,9 @@ class SweepConfig:
         concurrency: closed-loop in-flight requests.
         steps: step counts to sweep ([] = none, None = spread over the model's range).
         experts: expert settings to sweep at the maximum steps ([] = none, None = all offered).
+        draft_steps: self-speculative draft step counts to sweep at the maximum steps, after a
+            `draft_steps=0` point ([] = none, None = every count below the maximum).
+        draft_tokens: tokens drafted per round at those points (None = the server's default).
         tiers: quality tiers to sweep ([] = none, None = all offered).
         rates: rates to sweep at the maximum steps (open loop).
         overload: run the overload scenario.
@@ -328,6 +339,8 @@ class SweepConfig:
     concurrency: int = 4
     steps: list[int] | None = None
     experts: list[int] | None = field(default_factory=list)
+    draft_steps: list[int] | None = field(default_factory=list)
+    draft_tokens: int | None = None
     tiers: list[str] | None = field(default_factory=list)
     rates: list[float] = field(default_factory=list)
     overload: bool = False
@@ -480,6 +493,12 @@ class Sweep:
         if experts and not options:
             raise ValueError(f"model {info['name']} has a {info['ffn']} FFN: no expert settings to sweep")
         points += [("experts", f"{key}={e}", {"steps": hi, key: e}, None) for e in experts]
+        drafts = list(range(lo, hi)) if cfg.draft_steps is None else cfg.draft_steps
+        if drafts:
+            per_round = {} if cfg.draft_tokens is None else {"draft_tokens": cfg.draft_tokens}
+            for d in [0, *(d for d in drafts if d)]:
+                compute = {"steps": hi, "draft_steps": d, **(per_round if d else {})}
+                points.append(("draft", f"draft_steps={d}", compute, None))
         tiers = list(info["quality_tiers"]) if cfg.tiers is None else cfg.tiers
         points += [("tier", t, {"quality": t}, None) for t in tiers]
         points += [("rate", f"{r:g}/s", {"steps": hi}, r) for r in cfg.rates]

@@ -9,7 +9,10 @@ and `run_sweep` (which makes its own loop) can drive it. Behaviour:
   engine), so a stall delays everything queued behind it;
 * the request with index `stall_index` (arrival order) first sleeps `stall_s`;
 * prompt "reject" is refused with RESOURCE_EXHAUSTED;
-* no compute field -> 3 steps, reason "default:slo" (an SLO controller's answer).
+* no compute field -> 3 steps, reason "default:slo" (an SLO controller's answer);
+* `draft_steps` D > 0 (self-speculation): tokens take half as long, and the last message's
+  speculation report says every token after the first was drafted and a fraction D / steps
+  of them accepted.
 """
 
 from __future__ import annotations
@@ -65,17 +68,24 @@ class FakeServicer(pb2_grpc.TextGenerationServicer):
         if self.lock is None:
             self.lock = asyncio.Lock()
         n = request.sampling.max_tokens or 4
+        draft = c.draft_steps if c.HasField("draft_steps") else 0
+        spec = None
+        if draft:
+            accepted = round((n - 1) * draft / steps)
+            spec = pb2.SpeculationReport(ran=True, draft_steps=draft, draft_tokens=c.draft_tokens or 4,
+                                         drafted_tokens=n - 1, accepted_tokens=accepted)  # fmt: skip
         async with self.lock if self.serial else _nothing():
             if index == self.stall_index:
                 await asyncio.sleep(self.stall_s)
             for i in range(n):
-                await asyncio.sleep(self.token_s * steps)
+                await asyncio.sleep(self.token_s * steps * (0.5 if draft else 1.0))
                 last = i == n - 1
                 yield pb2.GenerateResponse(
                     request_id=str(index), text=f" w{i}", token_ids=[i],
                     finish_reason=pb2.FINISH_REASON_LENGTH if last else pb2.FINISH_REASON_UNSPECIFIED,
                     usage=pb2.Usage(prompt_tokens=len(request.prompt.split()), completion_tokens=i + 1),
-                    compute=pb2.ComputeUsed(steps=steps, experts=experts, policy_reason=reason),
+                    compute=pb2.ComputeUsed(steps=steps, experts=experts, policy_reason=reason,
+                                            speculation=spec if last else None),
                 )  # fmt: skip
 
 

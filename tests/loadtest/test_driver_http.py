@@ -70,3 +70,14 @@ def test_events_arriving_together_share_their_arrival_time():
     first, second = result.token_times[0], result.token_times[3]
     assert result.token_times == [first, first, first, second, second] and second > first
     assert result.itls_s == [0.0, 0.0, second - first, 0.0]
+
+
+def test_a_chunk_with_a_speculation_report_fills_the_drafted_and_accepted_counts():
+    from loadtest.driver import _record_chunk
+
+    result = RequestResult(index=0, scheduled_s=0.0)
+    spec = {"ran": True, "draft_steps": 3, "drafted_tokens": 12, "accepted_tokens": 9}
+    _record_chunk(result, {"choices": [{"text": "a"}], "leanserve": {"steps": 12}}, 1.0)
+    assert (result.drafted_tokens, result.accepted_tokens) == (0, 0)
+    _record_chunk(result, {"choices": [{"text": ""}], "leanserve": {"steps": 12, "speculation": spec}}, 2.0)
+    assert (result.steps, result.drafted_tokens, result.accepted_tokens) == (12, 12, 9)

@@ -110,3 +110,29 @@ def test_small_sweep_writes_every_report_file(fake_server, model_dir: Path, tmp_
     assert data["points"][0]["ttft_p99_ms"] == report.points[0].ttft_p99_ms
     summary = (out / "summary.md").read_text()
     assert "## Overload at 60.00 req/s" in summary and "| SLO controller |" in summary
+
+
+def test_draft_steps_points_report_acceptance_beside_the_plain_baseline(fake_server, tmp_path: Path) -> None:
+    server = fake_server(token_s=0.002)
+    cfg = SweepConfig(
+        target=server.target, rate=40.0, steps=[], draft_steps=[2, 4], draft_tokens=3, max_requests=5,
+        duration_s=2.0, max_tokens=5, timeout_s=5.0, progress=False,
+    )  # fmt: skip
+    report = run_sweep(cfg)
+    assert [(p.group, p.label) for p in report.points] == [
+        ("draft", "draft_steps=0"), ("draft", "draft_steps=2"), ("draft", "draft_steps=4"),
+    ]  # fmt: skip
+    sent = [(r.compute.draft_steps, r.compute.draft_tokens, r.compute.steps) for r in server.servicer.seen]
+    assert set(sent) == {(0, 0, 8), (2, 3, 8), (4, 3, 8)}  # the baseline sends draft_steps=0 explicitly
+    base, d2, d4 = report.points
+    assert base.acceptance is None and base.drafted_tokens == 0
+    assert d2.drafted_tokens == d4.drafted_tokens == 5 * 4
+    assert d2.acceptance == pytest.approx(5 / 20) and d4.acceptance == pytest.approx(10 / 20)
+    out = tmp_path / "report"
+    names = sorted(p.name for p in write_report(report, out))
+    assert "speculation.png" in names and (out / "speculation.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (out / "summary.md").read_text()
+    assert "## Self-speculative decoding at N=8" in summary
+    assert "| 4 | 0.500 |" in summary and summary.count("x |") >= 3  # tokens/s vs the baseline
+    rows = list(csv.DictReader((out / "points.csv").open()))
+    assert rows[2]["acceptance"] == "0.5"
