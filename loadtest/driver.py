@@ -124,6 +124,17 @@ class RequestResult:
         return [b - a for a, b in zip(t, t[1:], strict=False)]
 
     @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first (vLLM's TPOT): first token message to the
+        last, over the tokens after the first. Equal to the mean of `itls_s` when every
+        message carries one token; per token when a message carries several (a speculative
+        round's). None below two tokens."""
+        t = self.token_times
+        if self.first_token_s is None or self.tokens < 2 or not t:
+            return None
+        return (t[-1] - self.first_token_s) / (self.tokens - 1)
+
+    @property
     def send_lag_s(self) -> float:
         """How late the sender was (> 0 means the client fell behind its schedule)."""
         return self.sent_s - self.scheduled_s

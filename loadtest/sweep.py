@@ -79,8 +79,8 @@ class SLO:
             return False
         if self.ttft is not None and (r.ttft_s is None or r.ttft_s > self.ttft):
             return False
-        itls = r.itls_s
-        if self.itl is not None and itls and statistics.fmean(itls) > self.itl:
+        tpot = r.tpot_s  # the mean gap per token, also when a message carries several
+        if self.itl is not None and tpot is not None and tpot > self.itl:
             return False
         return not (self.e2e is not None and r.e2e_s > self.e2e)
 
@@ -193,6 +193,8 @@ class PointResult:
     series: list[dict[str, Any]] = field(default_factory=list)
     drafted_tokens: int = 0
     acceptance: float | None = None  # accepted / drafted tokens (None: nothing drafted)
+    tpot_p50_ms: float | None = None  # time per output token after the first, per request
+    tpot_p99_ms: float | None = None
 
 
 def summarize(
@@ -211,6 +213,7 @@ def summarize(
     ttft = percentiles_ms([r.ttft_s for r in ok if r.ttft_s is not None])
     itl = percentiles_ms([g for r in ok for g in r.itls_s])
     e2e = percentiles_ms([r.e2e_s for r in ok])
+    tpot = percentiles_ms([t for r in ok if (t := r.tpot_s) is not None])
     lag = percentiles_ms([max(0.0, r.send_lag_s) for r in rs])
     steps = [r.steps for r in ok if r.steps is not None]
     ppls = [p for r in ok if (p := profile.perplexity(r.steps, r.experts)) is not None]
@@ -279,6 +282,8 @@ def summarize(
         series=series,
         drafted_tokens=drafted,
         acceptance=accepted / drafted if drafted else None,
+        tpot_p50_ms=tpot["p50"],
+        tpot_p99_ms=tpot["p99"],
     )
 
 

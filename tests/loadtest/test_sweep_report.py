@@ -43,6 +43,20 @@ def test_slo_goodput_counts_only_requests_that_meet_every_objective() -> None:
         SLO.parse("ttfb=1")
 
 
+def test_the_itl_objective_is_per_token_when_a_message_carries_several() -> None:
+    # A speculative stream: 1 token at 0.1 s, then 3 tokens at 0.22 s and 3 at 0.34 s. Its
+    # messages are 0.12 s apart, but its 6 tokens after the first took 0.24 s: 0.04 s each.
+    spec = RequestResult(0, 0.0, 0.0, 0.1, 0.34, [0.1, 0.22, 0.34], 7, 4, "OK", 12, None, "explicit")
+    assert spec.tpot_s == pytest.approx(0.04) and spec.itls_s == pytest.approx([0.12, 0.12])
+    assert SLO.parse("itl=0.05").met(spec) and not SLO.parse("itl=0.03").met(spec)
+    plain = _result(1, 0.2, [0.04, 0.05])  # one token per message: TPOT is the mean gap
+    assert plain.tpot_s == pytest.approx(0.045)
+    p = summarize(
+        "draft", "d", {}, RunResult([spec, plain], 1.0, "open", 2.0), SLO.parse("itl=0.05"), Profile()
+    )
+    assert p.tpot_p50_ms == pytest.approx(40, rel=0.01) and p.goodput_fraction == 1.0
+
+
 def test_percentiles_and_r_squared() -> None:
     pct = percentiles_ms([i / 1000 for i in range(1, 1001)])  # 1..1000 ms
     assert pct["p50"] == pytest.approx(500, rel=0.01) and pct["p99"] == pytest.approx(990, rel=0.01)
@@ -134,5 +148,6 @@ def test_draft_steps_points_report_acceptance_beside_the_plain_baseline(fake_ser
     summary = (out / "summary.md").read_text()
     assert "## Self-speculative decoding at N=8" in summary
     assert "| 4 | 0.500 |" in summary and summary.count("x |") >= 3  # tokens/s vs the baseline
+    assert "TPOT p50 / p99" in summary and report.points[2].tpot_p50_ms is not None
     rows = list(csv.DictReader((out / "points.csv").open()))
     assert rows[2]["acceptance"] == "0.5"
