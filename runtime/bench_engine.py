@@ -18,6 +18,9 @@ Measured (all on the same machine, in one process, one after another):
    padding to the longest prompt, and the batch runs until its longest
    request is done; only the tokens each request asked for are counted, for
    both engines.
+4. With `--ctranslate2`: CTranslate2, a C++ CPU engine, running that same
+   GPT-2 (runtime/bench_ct2.py) in float32 and int8: batch-1 latency and the
+   uniform and mixed tokens/s against leanserve's (target: parity or better).
 
 Every timed configuration runs `BEST_OF` times back to back on both sides and
 the fastest run counts (HF's batch-1 latency: best of 3 of each of its two
@@ -311,6 +314,41 @@ def hf_measure(model: Any, config: ModelConfig, P: int, M: int, batch: int) -> t
     return per_token, throughput
 
 
+def _ctranslate2_rows(
+    args: argparse.Namespace,
+    config: ModelConfig,
+    single: RunResult,
+    conc: RunResult,
+    mixed: RunResult,
+    workload: list[tuple[list[int], int]],
+    hf: Any,
+    rows: list[tuple[str, str, str, str, str]],
+    results: dict[str, Any],
+) -> None:
+    """Section 4: CTranslate2 per compute type against leanserve's batch-1, uniform and mixed runs."""
+    from runtime import bench_ct2
+
+    B, hi = args.batch, config.step_range[1]
+    threads = torch.get_num_threads()
+    peers = bench_ct2.run(hf, config, args.prompt_tokens, args.new_tokens, B, workload, threads)
+    for compute_type, peer in peers.items():
+        results[f"ct2_{compute_type}"] = peer
+        name = f"CTranslate2 {compute_type}"
+        ratio = single.itl_s / peer["itl_s"]
+        rows.append(
+            (f"ms/token b=1 N={hi}: leanserve vs {name}", f"{single.itl_s * 1e3:.2f}",
+             f"{peer['itl_s'] * 1e3:.2f}", f"{ratio:.2f} (<= 1)", _verdict(ratio <= 1))
+        )  # fmt: skip
+        for label, ours, theirs in (
+            ("uniform", conc.tokens_per_s, peer["tokens_per_s"]),
+            ("mixed", mixed.tokens_per_s, peer["tokens_per_s_mixed"]),
+        ):
+            rows.append(
+                (f"tokens/s {B} requests, {label}: leanserve vs {name}", f"{ours:.0f}", f"{theirs:.0f}",
+                 f"{ours / theirs:.2f}x (>= 1x)", _verdict(ours >= theirs))
+            )  # fmt: skip
+
+
 def _verdict(ok: bool) -> str:
     return "target met" if ok else "target missed"
 
@@ -374,6 +412,9 @@ def main(args: argparse.Namespace) -> int:
         )
     )
 
+    hf: Any = None
+    mixed: RunResult | None = None
+    workload = mixed_workload(B, config.vocab_size)
     if not args.no_hf:
         hf = _hf_model(config)
         hf_itl, hf_tps = hf_measure(hf, config, args.prompt_tokens, args.new_tokens, B)
@@ -399,7 +440,6 @@ def main(args: argparse.Namespace) -> int:
                 _verdict(tps_ratio >= 1.5),
             )
         )
-        workload = mixed_workload(B, config.vocab_size)
         mixed = _measure_mixed(args, workload, hi)
         hf_mixed = _hf_mixed(hf, workload)
         mixed_ratio = mixed.tokens_per_s / hf_mixed
@@ -415,6 +455,11 @@ def main(args: argparse.Namespace) -> int:
                 _verdict(mixed_ratio >= 1.5),
             )
         )
+
+    if getattr(args, "ctranslate2", False):
+        mixed = mixed or _measure_mixed(args, workload, hi)
+        hf = hf if hf is not None else _hf_model(config)
+        _ctranslate2_rows(args, config, at_max[1], conc, mixed, workload, hf, rows, results)
 
     if args.onnx:
         if not args.model_dir:

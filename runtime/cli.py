@@ -312,6 +312,11 @@ def _add_bench_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers GPT-2 comparison")
     p.add_argument("--onnx", action="store_true", help="also compare ONNX Runtime with torch (needs export)")
     p.add_argument(
+        "--ctranslate2",
+        action="store_true",
+        help="also compare CTranslate2 (float32, int8) running the HF peer's GPT-2 (pip install ctranslate2)",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch backend with AOT-compiled decode steps (cached after the first run)",
