@@ -68,7 +68,7 @@ class PolicyResult:
     recomputed_tokens: int
     iterations: int
     mean_steps: float  # over requests, the steps each ran
-    lowered: int  # requests admitted at fewer steps (the memory dial)
+    lowered: int  # admissions at fewer steps (the memory dial; a readmission counts again)
 
 
 def workload(n: int, prompt_tokens: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:

@@ -34,7 +34,7 @@ Series (names below without the `ray_` prefix; counters end in `_total`):
   leanserve_preemptions_total{model}                       counter: requests preempted (KV on demand;
                                                            runtime/scheduler.py), exported from 0
   leanserve_recomputed_tokens_total{model}                 counter: tokens recompute prefills fed again
-  leanserve_kv_lowered_admissions_total{model}             counter: requests admitted at fewer steps for
+  leanserve_kv_lowered_admissions_total{model}             counter: admissions at fewer steps for
                                                            lack of KV (kv_min_steps), exported from 0
   leanserve_process_resident_memory_bytes{model}           gauge
   leanserve_slo_operating_steps{model}                     gauge: the SLO controller's mean step count
@@ -278,7 +278,7 @@ class EngineMetrics:
         )
         self.kv_lowered = f.counter(
             "leanserve_kv_lowered_admissions",
-            "Requests admitted at fewer steps because the KV pool could not hold them (kv_min_steps).",
+            "Admissions at fewer steps: the KV pool could not hold the request at its own (kv_min_steps).",
             m,
         )
         self.preemptions.inc(0, self._base)

@@ -373,7 +373,7 @@ class IterationStats:
         kv_pages_capacity: allocatable KV pages in the pool.
         preemptions_total: requests preempted since start (KV on demand).
         recomputed_tokens_total: tokens fed again by recompute prefills since start.
-        kv_lowered_total: requests admitted at fewer steps for lack of KV since
+        kv_lowered_total: admissions at fewer steps for lack of KV since
             start (the memory dial, `EngineConfig.kv_min_steps`).
     """
 
@@ -423,7 +423,7 @@ class EngineStats:
         kv_pages_capacity: allocatable KV pages in the pool.
         preemptions_total: requests preempted since start (KV on demand).
         recomputed_tokens_total: tokens fed again by recompute prefills since start.
-        kv_lowered_total: requests admitted at fewer steps for lack of KV since
+        kv_lowered_total: admissions at fewer steps for lack of KV since
             start (the memory dial, `EngineConfig.kv_min_steps`).
     """
 
