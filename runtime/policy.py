@@ -374,7 +374,7 @@ class StepPolicy:
             predicted_s = prediction.predicted_s
 
         floor = self.kv_min_steps
-        server_chosen = reason.startswith(("default:", "latency_budget"))
+        server_chosen = compute.steps is None and compute.quality is None  # rules 3 and 4
         min_steps = floor if floor is not None and server_chosen and floor < steps else 0
         explicit = compute.experts_top_k if self.config.ffn == "moe" else compute.expert_depth
         chosen = explicit if explicit is not None else tier_experts

@@ -106,7 +106,7 @@ class RequestState:
             client_id=request.client_id,
             priority=request.priority,
             draft_steps=0 if spec is None else spec.draft_steps,
-            min_steps=decision.min_steps if spec is None else 0,  # a draft needs its steps
+            min_steps=decision.min_steps,  # the scheduler never lowers a speculating sequence
         )
         return cls(
             request=request,

@@ -473,22 +473,20 @@ class Scheduler:
         finishes whenever it runs alone.
         """
         kv = self.kv
-        need = kv.pages_needed(seq.steps, tokens)
-        if seq.draft_steps:
-            need += kv.pages_needed(seq.draft_steps, tokens)
-        dial = seq.min_steps and not seq.draft_steps
-        if need <= room and (not dial or kv.pages_needed(seq.steps, seq.reserved_tokens) <= kv.num_pages):
-            return True
-        if not dial:
-            return False
-        for steps in range(seq.steps - 1, seq.min_steps - 1, -1):
+        if not seq.min_steps or seq.draft_steps:  # fixed steps (a draft's entries need them)
+            need = kv.pages_needed(seq.steps, tokens)
+            if seq.draft_steps:
+                need += kv.pages_needed(seq.draft_steps, tokens)
+            return need <= room
+        for steps in range(seq.steps, seq.min_steps - 1, -1):
             if (
                 kv.pages_needed(steps, tokens) <= room
                 and kv.pages_needed(steps, seq.reserved_tokens) <= kv.num_pages
             ):
-                self.num_steps_lowered += 1
-                self.steps_lowered += seq.steps - steps
-                seq.steps = steps
+                if steps < seq.steps:
+                    self.num_steps_lowered += 1
+                    self.steps_lowered += seq.steps - steps
+                    seq.steps = steps
                 return True
         return False
 
