@@ -8,7 +8,7 @@ vocabulary and bos/eos tokens: a word-level one over the names `t0..t{V-1}`
 is written next to the weights, and prompts are sent as those names, so ids
 map one to one.
 
-Measured the way the HF peer is (`bench_engine.hf_measure`), greedy, with
+Measured the way the HF peer is (`bench_engine.peer_measure`, one function for both), greedy, with
 `min_length = max_length = new tokens` so every row generates exactly that
 many: per-token decode latency at batch 1 (the difference of a long and a
 one-token run, best of 3), tokens/s of a batch of equal requests, and useful
@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from models.config import ModelConfig
+from runtime.bench_engine import BEST_OF, peer_measure
 
 COMPUTE_TYPES = ("float32", "int8")
-BEST_OF = 2
 
 
 def _token(i: int) -> str:
@@ -73,19 +71,15 @@ def measure(
 ) -> dict[str, float]:
     """Per-token latency at batch 1 (s), tokens/s of `batch` equal requests (`P` prompt and `M` new
     tokens each) and useful tokens/s of the mixed `workload` as one batch."""
-    gen = torch.Generator().manual_seed(1)
 
-    def prompts(b: int) -> list[list[int]]:
-        return torch.randint(1, config.vocab_size, (b, P), generator=gen).tolist()
+    def generate(prompts: list[list[int]], new: int) -> float:
+        return _generate(generator, prompts, new)
 
-    _generate(generator, prompts(1), 4)  # warm-up
-    full = min(_generate(generator, prompts(1), M) for _ in range(3))
-    one = min(_generate(generator, prompts(1), 1) for _ in range(3))
-    uniform = batch * M / min(_generate(generator, prompts(batch), M) for _ in range(BEST_OF))
+    per_token, uniform = peer_measure(generate, config.vocab_size, P, M, batch)
     longest = max(m for _, m in workload)
     useful = sum(m for _, m in workload)
     mixed = useful / min(_generate(generator, [p for p, _ in workload], longest) for _ in range(BEST_OF))
-    return {"itl_s": (full - one) / (M - 1), "tokens_per_s": uniform, "tokens_per_s_mixed": mixed}
+    return {"itl_s": per_token, "tokens_per_s": uniform, "tokens_per_s_mixed": mixed}
 
 
 def run(hf_model: Any, config: ModelConfig, P: int, M: int, batch: int, workload: list[tuple[list[int], int]],

@@ -38,6 +38,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,23 +296,35 @@ def _hf_mixed(model: Any, workload: list[tuple[list[int], int]]) -> float:
     return useful / min(_hf_generate(model, ids, mask, new) for _ in range(BEST_OF))
 
 
-def hf_measure(model: Any, config: ModelConfig, P: int, M: int, batch: int) -> tuple[float, float]:
-    """(per-token decode latency at batch 1, tokens/s for `batch` requests) of HF GPT-2, prompts of
-    `P` tokens and `M` new tokens each."""
+def peer_measure(
+    generate: Callable[[list[list[int]], int], float], vocab: int, P: int, M: int, batch: int
+) -> tuple[float, float]:
+    """(per-token decode latency at batch 1, tokens/s for `batch` requests) of a peer engine whose
+    `generate(prompts, new)` returns the seconds of one greedy batch of exactly `new` tokens per
+    prompt; random prompts of `P` tokens, `M` new tokens each (the HF and CTranslate2 peers)."""
     gen = torch.Generator().manual_seed(1)
 
-    def generate(b: int, new: int) -> float:
-        ids = torch.randint(1, config.vocab_size, (b, P), generator=gen)
+    def run(b: int, new: int) -> float:
+        return generate(torch.randint(1, vocab, (b, P), generator=gen).tolist(), new)
+
+    run(1, 4)  # warm-up
+    # Per-token decode latency: the difference of two runs removes the prefill
+    # and the peer's fixed set-up cost; best of 3 damps scheduler noise.
+    full = min(run(1, M) for _ in range(3))
+    one = min(run(1, 1) for _ in range(3))
+    per_token = (full - one) / (M - 1)
+    throughput = batch * M / min(run(batch, M) for _ in range(BEST_OF))
+    return per_token, throughput
+
+
+def hf_measure(model: Any, config: ModelConfig, P: int, M: int, batch: int) -> tuple[float, float]:
+    """`peer_measure` of HF GPT-2's `generate()`."""
+
+    def generate(prompts: list[list[int]], new: int) -> float:
+        ids = torch.tensor(prompts)
         return _hf_generate(model, ids, torch.ones_like(ids), new)
 
-    generate(1, 4)  # warm-up
-    # Per-token decode latency: the difference of two runs removes the prefill
-    # and generate()'s fixed set-up cost; best of 3 damps scheduler noise.
-    full = min(generate(1, M) for _ in range(3))
-    one = min(generate(1, 1) for _ in range(3))
-    per_token = (full - one) / (M - 1)
-    throughput = batch * M / min(generate(batch, M) for _ in range(BEST_OF))
-    return per_token, throughput
+    return peer_measure(generate, config.vocab_size, P, M, batch)
 
 
 def _ctranslate2_rows(
